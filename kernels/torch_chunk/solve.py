@@ -1,0 +1,45 @@
+"""The per-token ridge solve, for all chunks at once (gka_spec.md §4 step B).
+
+Inside a chunk the Gram of token τ is H_τ = e_τ·H⁰ + Σ_{σ≤τ} M[τ,σ]·k_σ k_σᵀ, never formed: its Frobenius
+norm comes from an exact expansion and its matvec from three matmuls."""
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+
+from ..chebyshev import chebyshev_omegas, chebyshev_solve, safe_frobenius, step_size
+from .layout import Decay
+
+
+def frobenius(K: torch.Tensor, H0: torch.Tensor, d: Decay) -> Tuple[torch.Tensor, torch.Tensor]:
+    """f_τ = ‖H_τ‖_F for every row, floored (returns f and the not-floored mask).
+
+    f² = e²‖H⁰‖² + 2e·Σ_σ M[τ,σ] k_σᵀH⁰k_σ + Σ_{σ,σ'} M[τ,σ] M[τ,σ'] (k_σ·k_σ')².
+    """
+    kHk = ((K @ H0) * K).sum(-1)
+    P = (K @ K.transpose(-1, -2)).square()
+    f2 = (d.e.square() * H0.square().sum((-1, -2))[..., None]
+          + 2 * d.e * (d.M @ kHk[..., None])[..., 0]
+          + ((d.M @ P) * d.M).sum(-1))
+    return safe_frobenius(f2.clamp_min(0).sqrt())
+
+
+def gram_matvec(X: torch.Tensor, K: torch.Tensor, H0: torch.Tensor, d: Decay) -> torch.Tensor:
+    """Rows of H_τ x_τ for X [.., C, D] (H⁰ is symmetric, so X·H⁰ gives the rows of H⁰x)."""
+    return d.e[..., None] * (X @ H0) + ((X @ K.transpose(-1, -2)) * d.M) @ K
+
+
+def chunk_solve(
+        rhs: torch.Tensor,
+        K: torch.Tensor,
+        H0: torch.Tensor,
+        d: Decay,
+        f: torch.Tensor,
+        num_iter: int,
+        ridge_ratio: float,
+) -> torch.Tensor:
+    """N Chebyshev steps for (H_τ + λ_τ I) x_τ = rhs_τ, every row of every chunk at once."""
+    lam = (ridge_ratio * f)[..., None]
+    return chebyshev_solve(lambda X: gram_matvec(X, K, H0, d) + lam * X, rhs,
+                           step_size(f, ridge_ratio)[..., None], chebyshev_omegas(num_iter, float(ridge_ratio)))
