@@ -27,10 +27,10 @@ def gram_backward_intra(X: torch.Tensor, Ua: torch.Tensor, K: torch.Tensor, H0: 
     c = torch.where(live, ridge_ratio * (Ua * X).sum(-1) / f, torch.zeros_like(f))
     # (u_τ x_τᵀ + x_τ u_τᵀ) k_σ summed over τ ≥ σ with the decay M[τ, σ]
     rank1 = ((X @ Kt) * d.M).transpose(-1, -2) @ Ua + ((Ua @ Kt) * d.M).transpose(-1, -2) @ X
-    # 2c_τ H_τ k_σ summed over τ ≥ σ, with H_τ expanded over the entry state and the chunk's keys
+    # c_τ (H_τ + H_τᵀ) k_σ summed over τ ≥ σ, with H_τ expanded over the entry state and the chunk's keys
     W1 = (d.M.transpose(-1, -2) @ (c * d.e)[..., None])[..., 0]
     W2 = d.M.transpose(-1, -2) @ (c[..., None] * d.M)
-    lam_path = 2 * (W1[..., None] * (K @ H0) + (W2 * (K @ Kt)) @ K)
+    lam_path = W1[..., None] * (K @ (H0 + H0.transpose(-1, -2))) + 2 * (W2 * (K @ Kt)) @ K
     dk = -(rank1 + lam_path)
     dgamma_part = -(Ua * gram_matvec(X, K, H0, d)).sum(-1) - c * f.square()
     ce2 = (c * d.e.square()).sum(-1)[..., None, None]

@@ -26,8 +26,9 @@ def frobenius(K: torch.Tensor, H0: torch.Tensor, d: Decay) -> Tuple[torch.Tensor
 
 
 def gram_matvec(X: torch.Tensor, K: torch.Tensor, H0: torch.Tensor, d: Decay) -> torch.Tensor:
-    """Rows of H_τ x_τ for X [.., C, D] (H⁰ is symmetric, so X·H⁰ gives the rows of H⁰x)."""
-    return d.e[..., None] * (X @ H0) + ((X @ K.transpose(-1, -2)) * d.M) @ K
+    """Rows of H_τ x_τ for X [.., C, D]. X·H⁰ᵀ gives the rows of H⁰x; a Gram from this operator is symmetric, but
+    an initial state perturbed entry by entry (gradcheck) is not, and the gradient must match H⁰x."""
+    return d.e[..., None] * (X @ H0.transpose(-1, -2)) + ((X @ K.transpose(-1, -2)) * d.M) @ K
 
 
 def chunk_solve(

@@ -1,0 +1,5 @@
+"""gka_vision: Gated KalmaNet vision backbones for timm, and a causal GKA language model.
+
+``import gka_vision`` registers the models with timm (``timm.list_models('gka*')``).
+"""
+__version__ = '0.1.0'

@@ -1,0 +1,65 @@
+"""Building blocks shared by the vision mixer and the language model (gka_spec.md §2)."""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+__all__ = ['GatedRMSNorm', 'l2_normalize', 'init_forget_gate', 'forget_gate_log_decay', 'BETA_EPS']
+
+# Added to β before it scales k and v, so a closed gate still leaves a (tiny) key and the Gram stays non-zero.
+BETA_EPS = 1e-6
+
+
+def l2_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """x / (‖x‖₂ + eps) over the last dim: eps added to the norm, not clamped (gka_spec.md §2 step 4)."""
+    return x / (torch.linalg.vector_norm(x.float(), dim=-1, keepdim=True) + eps).to(x.dtype)
+
+
+def init_forget_gate(
+        a_log: torch.Tensor,
+        dt_bias: torch.Tensor,
+        a_range: tuple = (0.0, 16.0),
+        dt_min: float = 1e-3,
+        dt_max: float = 1e-1,
+        dt_floor: float = 1e-4,
+) -> None:
+    """In-place init of the forget gate a = −exp(A_log)·softplus(x·W_a + dt_bias):
+    A_log = log U(a_range), dt_bias = softplus⁻¹(dt) with dt = exp(U(log dt_min, log dt_max)) ≥ dt_floor."""
+    with torch.no_grad():
+        a = torch.empty_like(a_log, dtype=torch.float32).uniform_(*a_range).clamp_min(1e-4)
+        a_log.copy_(a.log())
+        dt = torch.exp(torch.empty_like(dt_bias, dtype=torch.float32).uniform_(math.log(dt_min), math.log(dt_max)))
+        dt = dt.clamp_min(dt_floor)
+        dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # softplus⁻¹(dt) = dt + log(1 − e^{−dt})
+
+
+def forget_gate_log_decay(x_proj: torch.Tensor, a_log: torch.Tensor, dt_bias: torch.Tensor) -> torch.Tensor:
+    """a = −exp(A_log)·softplus(x·W_a + dt_bias), computed in fp32 (it is summed over the sequence); a ≤ 0."""
+    return -a_log.float().exp() * F.softplus(x_proj.float() + dt_bias.float())
+
+
+class GatedRMSNorm(nn.Module):
+    """RMSNorm over the head dim times SiLU of a gate: o ← RMSNorm(o)·w ⊙ SiLU(z) (fla FusedRMSNormGated)."""
+
+    def __init__(
+            self,
+            dim: int,
+            eps: float = 1e-6,
+            device: Optional[torch.device] = None,
+            dtype: Optional[torch.dtype] = None,
+    ):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim, device=device, dtype=dtype))
+
+    def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + self.eps)
+        return (xf * self.weight.float() * F.silu(gate.float())).to(x.dtype)
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)

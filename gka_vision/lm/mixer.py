@@ -1,0 +1,121 @@
+"""The causal GKA token mixer of the language model, exactly as gka_spec.md §2 describes the authors' LM layer."""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from gka_kernels import gka_chunk, gka_step
+
+from ..layers import BETA_EPS, GatedRMSNorm, forget_gate_log_decay, init_forget_gate, l2_normalize
+from .cache import GKALayerCache
+from .config import GKAConfig
+
+__all__ = ['CausalShortConv', 'GKACausalMixer']
+
+
+class CausalShortConv(nn.Module):
+    """Depthwise causal Conv1d (no bias) followed by SiLU, over [B, T, C] inputs, with a decode tail.
+
+    The tail holds the last ``kernel_size - 1`` pre-conv inputs; prepending it (zeros at the start of a sequence)
+    makes the prefill and one-token paths the same computation.
+    """
+
+    def __init__(self, channels: int, kernel_size: int = 4):
+        super().__init__()
+        self.kernel_size = kernel_size
+        # Depthwise Conv1d with PyTorch's default init (gka_spec.md §2 step 2); only its weight is used.
+        self.conv = nn.Conv1d(channels, channels, kernel_size, groups=channels, bias=False)
+
+    def forward(self, x: torch.Tensor, tail: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """x: [B, T, C]; tail: [B, kernel_size - 1, C] or None (sequence start). Returns (SiLU(conv), new tail)."""
+        W = self.kernel_size - 1
+        if tail is None:
+            tail = x.new_zeros(x.shape[0], W, x.shape[2])
+        xp = torch.cat([tail.to(x.dtype), x], dim=1)
+        y = F.conv1d(xp.transpose(1, 2), self.conv.weight.to(x.dtype), groups=x.shape[2])
+        return F.silu(y.transpose(1, 2)), xp[:, xp.shape[1] - W:]
+
+
+class GKACausalMixer(nn.Module):
+    """Causal Gated KalmaNet mixer: projections, short convs, L2-normalised q/k, β/α/forget gates, ``gka_chunk``
+    (or ``gka_step`` for one cached token), gated RMSNorm and the output projection (gka_spec.md §2 steps 1-12).
+    """
+
+    def __init__(self, config: GKAConfig):
+        super().__init__()
+        d, H, D = config.hidden_size, config.num_heads, config.head_dim
+        self.num_heads = H
+        self.num_kv_heads = config.kv_heads
+        self.head_dim = D
+        self.num_iter = config.num_iter
+        self.ridge_ratio = config.ridge_ratio
+        self.chunk_size = config.chunk_size
+        self.q_proj = nn.Linear(d, H * D, bias=False)
+        self.k_proj = nn.Linear(d, self.num_kv_heads * D, bias=False)
+        self.v_proj = nn.Linear(d, self.num_kv_heads * D, bias=False)
+        self.q_conv = CausalShortConv(H * D, config.conv_size)
+        self.k_conv = CausalShortConv(self.num_kv_heads * D, config.conv_size)
+        self.v_conv = CausalShortConv(self.num_kv_heads * D, config.conv_size)
+        self.beta_proj = nn.Linear(d, H, bias=True)
+        self.alpha_proj = nn.Linear(d, H, bias=True)
+        self.a_proj = nn.Linear(d, H, bias=False)
+        # The forget gate's per-head parameters; kept fp32-friendly and out of weight decay (gka_spec.md §2 step 7).
+        self.A_log = nn.Parameter(torch.empty(H))
+        self.dt_bias = nn.Parameter(torch.empty(H))
+        self.A_log._no_weight_decay = True
+        self.dt_bias._no_weight_decay = True
+        self.g_proj = nn.Linear(d, H * D, bias=False)
+        self.o_norm = GatedRMSNorm(D, eps=config.norm_eps)
+        self.o_proj = nn.Linear(H * D, d, bias=False)
+        init_forget_gate(self.A_log, self.dt_bias)
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set:
+        return {'A_log', 'dt_bias'}
+
+    def _heads(self, x: torch.Tensor, native_heads: int) -> torch.Tensor:
+        """[B, T, h·D] → [B, T, H, D], repeating each native head H/h times (grouped k/v heads)."""
+        x = x.unflatten(-1, (native_heads, self.head_dim))
+        if native_heads != self.num_heads:
+            x = x.repeat_interleave(self.num_heads // native_heads, dim=2)
+        return x
+
+    def forward(
+            self,
+            x: torch.Tensor,
+            cache: Optional[GKALayerCache] = None,
+            use_cache: bool = False,
+    ) -> Tuple[torch.Tensor, Optional[GKALayerCache]]:
+        """x: [B, T, d]. With ``cache`` the sequence continues from it. Returns (y [B, T, d], new cache or None)."""
+        B, T, _ = x.shape
+        q, tail_q = self.q_conv(self.q_proj(x), cache.conv_q if cache is not None else None)
+        k, tail_k = self.k_conv(self.k_proj(x), cache.conv_k if cache is not None else None)
+        v, tail_v = self.v_conv(self.v_proj(x), cache.conv_v if cache is not None else None)
+        q = l2_normalize(self._heads(q, self.num_heads))
+        k = l2_normalize(self._heads(k, self.num_kv_heads))
+        v = self._heads(v, self.num_kv_heads)
+        # β is per expanded head, so grouped heads share k but not their Grams (gka_spec.md pitfall 11).
+        beta = (torch.sigmoid(self.beta_proj(x)) + BETA_EPS).unsqueeze(-1)
+        k = k * beta.to(k.dtype)
+        v = v * beta.to(v.dtype)
+        alpha = torch.sigmoid(self.alpha_proj(x))
+        g = forget_gate_log_decay(self.a_proj(x), self.A_log, self.dt_bias)
+
+        state = cache.state if cache is not None else None
+        # The kernels pick their own precision (fp32 states and accumulation); autocast must not re-cast inside.
+        with torch.autocast(x.device.type, enabled=False):
+            alpha = alpha.to(q.dtype)
+            if cache is not None and T == 1:
+                o, new_state = gka_step(q, k, v, g, alpha, state, num_iter=self.num_iter,
+                                        ridge_ratio=self.ridge_ratio)
+            else:
+                out = gka_chunk(q, k, v, g, alpha, num_iter=self.num_iter, ridge_ratio=self.ridge_ratio,
+                                chunk_size=self.chunk_size, initial_state=state, output_final_state=use_cache)
+                o, new_state = out if use_cache else (out, None)
+        o = self.o_norm(o, self.g_proj(x).unflatten(-1, (self.num_heads, self.head_dim)).to(o.dtype))
+        y = self.o_proj(o.flatten(-2))
+        new_cache = GKALayerCache(tail_q, tail_k, tail_v, *new_state) if use_cache else None
+        return y, new_cache

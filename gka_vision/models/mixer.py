@@ -1,0 +1,160 @@
+"""GKAMixer: the Gated KalmaNet token mixer (gka_spec.md §2) for a 2-D grid of image tokens.
+
+Differences from the language-model layer of the spec, and why:
+    * locality comes from a depthwise 3×3 conv on the patch grid instead of a causal width-4 conv (an image has no
+      causal order);
+    * the recurrence runs along several scan orders of the grid (scan.py); q/k/v are shared by all directions,
+      the β / α / forget gates are per direction; the directions are stacked on the batch axis of ONE
+      ``gka_chunk`` call and their outputs are summed before the gated RMSNorm.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import register_notrace_module
+
+from gka_kernels import gka_chunk
+
+from ..layers import BETA_EPS, GatedRMSNorm, forget_gate_log_decay, init_forget_gate, l2_normalize
+from .scan import DIRECTIONS, scan_index
+
+__all__ = ['GKAMixer']
+
+
+@register_notrace_module  # an FX leaf: its shapes drive Python-side index caches and the opaque kernel call
+class GKAMixer(nn.Module):
+    """Multi-direction Gated KalmaNet mixer over an NHWC token grid.
+
+    Args:
+        dim: Model width d.
+        num_heads: Heads H.
+        head_dim: Head dim D (q, k, v and the output gate).
+        directions: Scan directions run by this mixer (see ``scan.DIRECTIONS``).
+        num_iter: Chebyshev iterations N of the ridge solve (0 = plain gated linear attention).
+        ridge_ratio: r in λ_t = r·‖H_t‖_F.
+        conv_size: Kernel of the depthwise conv on the grid (odd).
+        norm_eps: Epsilon of the gated RMSNorm.
+        proj_drop: Dropout after the output projection.
+        backend: gka_chunk backend (None = its default: triton on CUDA when available, torch elsewhere).
+    """
+
+    def __init__(
+            self,
+            dim: int,
+            num_heads: int,
+            head_dim: int = 64,
+            directions: Sequence[str] = ('row', 'row_rev'),
+            num_iter: int = 30,
+            ridge_ratio: float = 0.02,
+            conv_size: int = 3,
+            norm_eps: float = 1e-6,
+            proj_drop: float = 0.,
+            backend: Optional[str] = None,
+            device: Optional[torch.device] = None,
+            dtype: Optional[torch.dtype] = None,
+    ):
+        super().__init__()
+        dd = {'device': device, 'dtype': dtype}
+        directions = tuple(directions)
+        for d in directions:
+            if d not in DIRECTIONS:
+                raise ValueError(f'directions must be a non-empty subset of {DIRECTIONS}, got {directions!r}')
+        if not directions:
+            raise ValueError(f'directions must be a non-empty subset of {DIRECTIONS}, got {directions!r}')
+        if isinstance(num_iter, bool) or not isinstance(num_iter, int) or num_iter < 0:
+            raise ValueError(f'num_iter must be an int >= 0, got {num_iter!r}')
+        if not (isinstance(ridge_ratio, (int, float)) and math.isfinite(ridge_ratio) and ridge_ratio > 0):
+            raise ValueError(f'ridge_ratio must be a finite number > 0, got {ridge_ratio!r}')
+        if conv_size < 1 or conv_size % 2 == 0:
+            raise ValueError(f'conv_size must be a positive odd int (same-size padding), got {conv_size!r}')
+        self.dim = dim
+        self.num_heads = num_heads
+        self.head_dim = head_dim
+        self.directions = directions
+        self.num_dir = len(directions)
+        self.num_iter = num_iter
+        self.ridge_ratio = float(ridge_ratio)
+        self.backend = backend
+        inner = num_heads * head_dim
+        n, H = self.num_dir, num_heads
+
+        self.qkv = nn.Linear(dim, 3 * inner, bias=False, **dd)
+        self.conv = nn.Conv2d(
+            3 * inner, 3 * inner, conv_size, padding=conv_size // 2, groups=3 * inner, bias=False, **dd)
+        # One Linear for every gate of every direction: W_β, W_α and W_a side by side, laid out [direction, gate, head].
+        self.gate_proj = nn.Linear(dim, n * 3 * H, bias=False, **dd)
+        # Biases of β and α ([direction, {β, α}, head]); the forget gate's bias is dt_bias (spec §2 step 7).
+        self.gate_bias = nn.Parameter(torch.empty(n, 2, H, **dd))
+        self.A_log = nn.Parameter(torch.empty(n, H, **dd))
+        self.dt_bias = nn.Parameter(torch.empty(n, H, **dd))
+        self.out_gate = nn.Linear(dim, inner, bias=False, **dd)
+        self.norm = GatedRMSNorm(head_dim, eps=norm_eps, **dd)
+        self.proj = nn.Linear(inner, dim, bias=False, **dd)
+        self.proj_drop = nn.Dropout(proj_drop)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Spec §2 init: PyTorch defaults for the Linears and the conv, U(±1/√d) for the gate biases (what a
+        Linear d→H with bias draws), A_log / dt_bias by ``init_forget_gate``, norm weight 1."""
+        for m in (self.qkv, self.conv, self.gate_proj, self.out_gate, self.proj):
+            m.reset_parameters()
+        bound = 1. / math.sqrt(self.dim)
+        nn.init.uniform_(self.gate_bias, -bound, bound)
+        init_forget_gate(self.A_log, self.dt_bias)
+        self.norm.reset_parameters()
+
+    def extra_repr(self) -> str:
+        return f'directions={self.directions}, num_iter={self.num_iter}, ridge_ratio={self.ridge_ratio}'
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [B, Hg, Wg, d] token grid (NHWC). Returns the same shape."""
+        B, Hg, Wg, C = x.shape
+        L = Hg * Wg
+        n, H, D = self.num_dir, self.num_heads, self.head_dim
+        idx = scan_index(self.directions, Hg, Wg, x.device)
+
+        qkv = self.qkv(x).permute(0, 3, 1, 2)
+        qkv = F.silu(self.conv(qkv)).permute(0, 2, 3, 1).reshape(B, L, 3, H, D)
+        q, k, v = qkv.unbind(2)
+        # Normalise once, before the per-direction gather: the L2 norm commutes with the permutation.
+        qkv = torch.stack([l2_normalize(q), l2_normalize(k), v], dim=2)
+
+        gates = self.gate_proj(x).reshape(B, L, n, 3, H)
+        if idx.identity:
+            qkv = qkv.reshape(B * n, L, 3, H, D)
+            gates = gates.transpose(1, 2)
+        else:
+            # [B, L, ...] → [B, n·L, ...] in scan order, then batch-major stacking [B·n, L, ...] is a view.
+            qkv = qkv.index_select(1, idx.gather).reshape(B * n, L, 3, H, D)
+            dir_ids = torch.arange(n, device=x.device)[:, None]
+            gates = gates[:, idx.perm, dir_ids]  # [B, n, L, 3, H]: direction j's gates at its own scan order
+        ba = torch.sigmoid(gates[..., :2, :] + self.gate_bias[:, None])
+        g = forget_gate_log_decay(gates[..., 2, :], self.A_log[:, None], self.dt_bias[:, None])
+        beta = (ba[..., 0, :] + BETA_EPS).reshape(B * n, L, H, 1)
+        alpha = ba[..., 1, :].reshape(B * n, L, H)
+        g = g.reshape(B * n, L, H)
+        q, k, v = qkv.unbind(2)
+        k = k * beta.to(k.dtype)
+        v = v * beta.to(v.dtype)
+        alpha = alpha.to(q.dtype)
+
+        if q.device.type == 'meta':
+            # Meta tensors carry shapes only (timm builds models on 'meta' to check structure): skip the kernel's
+            # value checks and emit its output shape [B·n, L, H, D].
+            o = torch.empty_like(v)
+        else:
+            o = gka_chunk(q, k, v, g, alpha, num_iter=self.num_iter, ridge_ratio=self.ridge_ratio,
+                          backend=self.backend)
+
+        o = o.reshape(B, n * L, H * D)
+        if not idx.identity:
+            o = o.index_select(1, idx.scatter)
+        o = o.reshape(B, n, L, H, D).sum(1)
+
+        z = self.out_gate(x).reshape(B, L, H, D)
+        o = self.norm(o, z).reshape(B, Hg, Wg, H * D)
+        return self.proj_drop(self.proj(o))

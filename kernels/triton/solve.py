@@ -1,0 +1,173 @@
+"""The fused per-chunk kernel (gka_spec.md §4 steps B and C): Frobenius norms, the N-step Chebyshev solve with
+the iterate kept on chip, the α-mix and the gated-linear-attention readout, one program per (chunk, b·h).
+
+The same kernel, with the forward's f loaded and no readout, is the adjoint solve of the backward (§5.1)."""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from ..chebyshev import chebyshev_omegas
+from .config import F_MIN
+
+
+@triton.jit
+def _mm(a, b, MODE: tl.constexpr):
+    """a @ b with fp32 accumulation; MODE 0 exact fp32, 1 tf32, 2 bf16 operands, 3 fp16 operands."""
+    if MODE == 0:
+        out = tl.dot(a, b, input_precision='ieee')
+    elif MODE == 1:
+        out = tl.dot(a, b, input_precision='tf32')
+    elif MODE == 2:
+        out = tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
+    else:
+        out = tl.dot(a.to(tl.float16), b.to(tl.float16))
+    return out
+
+
+@triton.jit
+def _chunk_solve_kernel(
+        q_ptr, k_ptr, v_ptr, g_ptr, al_ptr, h0_ptr, u0_ptr, om_ptr, f_ptr, x_ptr, o_ptr,
+        T, H, NC, r, scale, f_min,
+        s_qb, s_qt, s_qh,
+        s_kb, s_kt, s_kh,
+        s_vb, s_vt, s_vh,
+        s_gb, s_gt, s_gh,
+        s_ab, s_at, s_ah,
+        s_xb, s_xt, s_xh,
+        s_ob, s_ot, s_oh,
+        D: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, N: tl.constexpr, MODE: tl.constexpr,
+        LOAD_F: tl.constexpr, READOUT: tl.constexpr, STORE_X: tl.constexpr,
+):
+    ic = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    rc = tl.arange(0, C)
+    rd = tl.arange(0, D)
+    t = ic * C + rc
+    tm = t < T
+
+    K = tl.load(k_ptr + b * s_kb + h * s_kh + t[:, None] * s_kt + rd[None, :], mask=tm[:, None],
+                other=0.0).to(tl.float32)
+    Q = tl.load(q_ptr + b * s_qb + h * s_qh + t[:, None] * s_qt + rd[None, :], mask=tm[:, None],
+                other=0.0).to(tl.float32)
+    gl = tl.load(g_ptr + b * s_gb + h * s_gh + t * s_gt, mask=tm, other=0.0).to(tl.float32)
+    gc = tl.cumsum(gl, 0)
+    e = tl.exp(gc)
+    causal = rc[:, None] >= rc[None, :]
+    # exponentiate only the non-positive (causal) differences, then select
+    M = tl.where(causal, tl.exp(tl.where(causal, gc[:, None] - gc[None, :], 0.0)), 0.0)
+    Kt = tl.trans(K)
+    H0 = tl.load(h0_ptr + (bh * NC + ic) * D * D + rd[:, None] * D + rd[None, :])
+
+    if N > 0:
+        if LOAD_F:
+            f = tl.load(f_ptr + b * s_gb + h * s_gh + t * s_gt, mask=tm, other=f_min)
+            f = tl.maximum(f, f_min)
+        else:
+            # ‖H_τ‖²_F = e²‖H⁰‖² + 2e Σ_σ M[τ,σ] k_σᵀH⁰k_σ + Σ_{σ,σ'} M[τ,σ] M[τ,σ'] (k_σ·k_σ')²
+            kHk = tl.sum(tl.dot(K, H0, input_precision='ieee') * K, 1)
+            S = tl.dot(K, Kt, input_precision='ieee')
+            MP = tl.dot(M, S * S, input_precision='ieee')
+            hn = tl.sum(tl.sum(H0 * H0, 1), 0)
+            f2 = e * e * hn + 2.0 * e * tl.sum(M * kHk[None, :], 1) + tl.sum(MP * M, 1)
+            f = tl.sqrt(tl.maximum(f2, 0.0))
+            f = tl.where(f > f_min, f, f_min)
+            tl.store(f_ptr + b * s_gb + h * s_gh + t * s_gt, f, mask=tm)
+        lam = (r * f)[:, None]
+        eta = (2.0 / ((1.0 + 2.0 * r) * f))[:, None]
+        ee = e[:, None]
+        x_prev = tl.zeros([C, D], dtype=tl.float32)
+        x = eta * Q
+        for i in range(N):
+            om = tl.load(om_ptr + i)
+            ax = ee * _mm(x, H0, MODE) + _mm(_mm(x, Kt, MODE) * M, K, MODE) + lam * x
+            x_new = om * (x - eta * (ax - Q)) + (1.0 - om) * x_prev
+            x_prev = x
+            x = x_new
+        if STORE_X:
+            tl.store(x_ptr + b * s_xb + h * s_xh + t[:, None] * s_xt + rd[None, :], x, mask=tm[:, None])
+
+    if READOUT:
+        if N > 0:
+            al = tl.load(al_ptr + b * s_ab + h * s_ah + t * s_at, mask=tm, other=0.0).to(tl.float32)
+            Qt = Q + al[:, None] * (x - Q)
+        else:
+            Qt = Q
+        rv = tl.arange(0, DV)
+        V = tl.load(v_ptr + b * s_vb + h * s_vh + t[:, None] * s_vt + rv[None, :], mask=tm[:, None],
+                    other=0.0).to(tl.float32)
+        U0 = tl.load(u0_ptr + (bh * NC + ic) * D * DV + rd[:, None] * DV + rv[None, :])
+        O = e[:, None] * tl.dot(Qt, U0, input_precision='ieee') \
+            + tl.dot(tl.dot(Qt, Kt, input_precision='ieee') * M, V, input_precision='ieee')
+        O = O * scale
+        tl.store(o_ptr + b * s_ob + h * s_oh + t[:, None] * s_ot + rv[None, :], O.to(o_ptr.dtype.element_ty),
+                 mask=tm[:, None])
+
+
+_MODES = {'ieee': 0, 'tf32': 1}
+
+
+def _mode(dot: str, dtype: torch.dtype) -> int:
+    if dot == 'lowp':
+        return 3 if dtype == torch.float16 else 2
+    return _MODES[dot]
+
+
+def _omegas(num_iter: int, ridge_ratio: float, device: torch.device) -> torch.Tensor:
+    return torch.tensor(chebyshev_omegas(num_iter, float(ridge_ratio)) or (0.0,), dtype=torch.float32, device=device)
+
+
+def _strides3(t: torch.Tensor):
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def _num_warps(D: int, C: int) -> int:
+    return 8 if D * C >= 128 * 64 or D == 128 else 4
+
+
+def chunk_forward(q, k, v, g, alpha, H0, U0, num_iter: int, ridge_ratio: float, scale: float, chunk_size: int,
+                  dot: str) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """q, k [B, T, H, D], v [B, T, H, DV], g/alpha [B, T, H]; H0, U0 the chunk-entry states [B·H, NC, D, D|DV].
+
+    Returns o [B, T, H, DV] (dtype of q), the solve output x [B, T, H, D] fp32 and f [B, T, H] fp32 (both None
+    when num_iter = 0)."""
+    B, T, H, D = q.shape
+    DV = v.shape[-1]
+    NC = triton.cdiv(T, chunk_size)
+    o = torch.empty(B, T, H, DV, device=q.device, dtype=q.dtype)
+    solve = num_iter > 0
+    x = torch.empty(B, T, H, D, device=q.device, dtype=torch.float32) if solve else None
+    f = torch.empty(B, T, H, device=q.device, dtype=torch.float32) if solve else None
+    gs = g if g.stride() == (T * H, H, 1) or not solve else g.contiguous()
+    _chunk_solve_kernel[(NC, B * H)](
+        q, k, v, gs, alpha, H0, U0, _omegas(num_iter, ridge_ratio, q.device),
+        f if solve else gs, x if solve else o, o,
+        T, H, NC, float(ridge_ratio), float(scale), F_MIN,
+        *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(gs), *_strides3(alpha),
+        *(_strides3(x) if solve else (0, 0, 0)), *_strides3(o),
+        D=D, DV=DV, C=chunk_size, N=num_iter, MODE=_mode(dot, q.dtype),
+        LOAD_F=False, READOUT=True, STORE_X=solve, num_warps=_num_warps(D, chunk_size),
+    )
+    return o, x, f
+
+
+def chunk_adjoint_solve(rhs: torch.Tensor, k: torch.Tensor, f: torch.Tensor, H0: torch.Tensor, num_iter: int,
+                        ridge_ratio: float, chunk_size: int, dot: str) -> torch.Tensor:
+    """u = A⁻¹ rhs with the forward's norms f [B, T, H] (fp32, contiguous): rhs, k [B, T, H, D] → u fp32."""
+    B, T, H, D = rhs.shape
+    NC = triton.cdiv(T, chunk_size)
+    u = torch.empty(B, T, H, D, device=rhs.device, dtype=torch.float32)
+    _chunk_solve_kernel[(NC, B * H)](
+        rhs, k, rhs, f, f, H0, H0, _omegas(num_iter, ridge_ratio, rhs.device), f, u, u,
+        T, H, NC, float(ridge_ratio), 1.0, F_MIN,
+        *_strides3(rhs), *_strides3(k), *_strides3(rhs), *_strides3(f), *_strides3(f),
+        *_strides3(u), *_strides3(u),
+        D=D, DV=D, C=chunk_size, N=num_iter, MODE=_mode(dot, k.dtype),
+        LOAD_F=True, READOUT=False, STORE_X=True, num_warps=_num_warps(D, chunk_size),
+    )
+    return u

@@ -1,0 +1,137 @@
+"""Inter-chunk state passes (gka_spec.md §4 step A), serial over chunks, parallel over (D-tile, D-tile, b·h).
+
+``chunk_states`` builds the entry state of every chunk from two token streams a, x:
+    forward:  S_0 = init,  S_{c+1} = last_c·S_c + Σ_{σ∈c} exp(gc_last − gc_σ)·a_σ x_σᵀ   (Gram: a = x = k; KV: a = k, x = v)
+    reverse:  R_{NC-1} = init,  R_{c-1} = last_c·R_c + scale·Σ_{τ∈c} exp(gc_τ)·a_τ x_τᵀ (readout gradient: a = q̃, x = do)
+and ``scan_increments`` runs the same recurrence over increments that were computed elsewhere.
+States are fp32; the per-chunk products are exact fp32 dots (they are a small part of the work).
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _chunk_states_kernel(
+        a_ptr, x_ptr, g_ptr, init_ptr, states_ptr, final_ptr,
+        T, H, NC, scale,
+        s_ab, s_at, s_ah,
+        s_xb, s_xt, s_xh,
+        s_gb, s_gt, s_gh,
+        DA: tl.constexpr, DX: tl.constexpr, C: tl.constexpr, BA: tl.constexpr, BX: tl.constexpr,
+        HAS_INIT: tl.constexpr, STORE_FINAL: tl.constexpr, REVERSE: tl.constexpr,
+):
+    ia = tl.program_id(0)
+    ix = tl.program_id(1)
+    bh = tl.program_id(2).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    ra = ia * BA + tl.arange(0, BA)
+    rx = ix * BX + tl.arange(0, BX)
+    rc = tl.arange(0, C)
+    tile = ra[:, None] * DX + rx[None, :]
+    if HAS_INIT:
+        cur = tl.load(init_ptr + bh * DA * DX + tile).to(tl.float32)
+    else:
+        cur = tl.zeros([BA, BX], dtype=tl.float32)
+    a_base = a_ptr + b * s_ab + h * s_ah
+    x_base = x_ptr + b * s_xb + h * s_xh
+    g_base = g_ptr + b * s_gb + h * s_gh
+    for step in range(NC):
+        if REVERSE:
+            c = NC - 1 - step
+        else:
+            c = step
+        t = c * C + rc
+        tm = t < T
+        gl = tl.load(g_base + t * s_gt, mask=tm, other=0.0).to(tl.float32)
+        gc = tl.cumsum(gl, 0)
+        glast = tl.sum(gl, 0)
+        if REVERSE:
+            w = tl.exp(gc) * scale
+        else:
+            w = tl.exp(glast - gc)
+        A = tl.load(a_base + t[:, None] * s_at + ra[None, :], mask=tm[:, None], other=0.0).to(tl.float32)
+        X = tl.load(x_base + t[:, None] * s_xt + rx[None, :], mask=tm[:, None], other=0.0).to(tl.float32)
+        inc = tl.dot(tl.trans(A * w[:, None]), X, input_precision='ieee')
+        tl.store(states_ptr + (bh * NC + c) * DA * DX + tile, cur)
+        cur = tl.exp(glast) * cur + inc
+    if STORE_FINAL:
+        tl.store(final_ptr + bh * DA * DX + tile, cur)
+
+
+def _tile(d: int) -> int:
+    return min(d, 64)
+
+
+def chunk_states(a: torch.Tensor, x: torch.Tensor, g: torch.Tensor, init: Optional[torch.Tensor], chunk_size: int,
+                 reverse: bool = False, scale: float = 1.0, want_final: bool = True,
+                 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """a [B, T, H, DA], x [B, T, H, DX] (unit stride on the last dim), g [B, T, H] log-decays.
+
+    Returns the per-chunk states [B·H, NC, DA, DX] fp32 (entry states forward, exit states in reverse) and the
+    state after the whole pass (the final state forward, the gradient w.r.t. the initial state in reverse)."""
+    B, T, H, DA = a.shape
+    DX = x.shape[-1]
+    NC = triton.cdiv(T, chunk_size)
+    states = torch.empty(B * H, max(NC, 1), DA, DX, device=a.device, dtype=torch.float32)
+    final = torch.empty(B * H, DA, DX, device=a.device, dtype=torch.float32) if want_final else states
+    if init is not None:
+        init = init.to(torch.float32).reshape(B * H, DA, DX).contiguous()
+    BA, BX = _tile(DA), _tile(DX)
+    grid = (DA // BA, DX // BX, B * H)
+    _chunk_states_kernel[grid](
+        a, x, g, init if init is not None else states, states, final,
+        T, H, NC, float(scale),
+        a.stride(0), a.stride(1), a.stride(2),
+        x.stride(0), x.stride(1), x.stride(2),
+        g.stride(0), g.stride(1), g.stride(2),
+        DA=DA, DX=DX, C=chunk_size, BA=BA, BX=BX,
+        HAS_INIT=init is not None, STORE_FINAL=want_final, REVERSE=reverse,
+        num_warps=4,
+    )
+    return states, (final if want_final else None)
+
+
+@triton.jit
+def _scan_increments_kernel(
+        inc_ptr, last_ptr, init_ptr, out_ptr, final_ptr, NC,
+        SIZE: tl.constexpr, BLOCK: tl.constexpr, HAS_INIT: tl.constexpr, REVERSE: tl.constexpr,
+):
+    blk = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    offs = blk * BLOCK + tl.arange(0, BLOCK)
+    if HAS_INIT:
+        cur = tl.load(init_ptr + bh * SIZE + offs).to(tl.float32)
+    else:
+        cur = tl.zeros([BLOCK], dtype=tl.float32)
+    for step in range(NC):
+        if REVERSE:
+            c = NC - 1 - step
+        else:
+            c = step
+        base = (bh * NC + c) * SIZE + offs
+        tl.store(out_ptr + base, cur)
+        cur = tl.load(last_ptr + bh * NC + c) * cur + tl.load(inc_ptr + base)
+    tl.store(final_ptr + bh * SIZE + offs, cur)
+
+
+def scan_increments(inc: torch.Tensor, last: torch.Tensor, init: Optional[torch.Tensor], reverse: bool,
+                    ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """inc [BH, NC, D1, D2] fp32 contiguous, last [BH, NC]: the recurrence of ``chunk_states`` over given
+    increments. Returns the per-chunk states and the state after the pass."""
+    BH, NC, D1, D2 = inc.shape
+    size = D1 * D2
+    out = torch.empty_like(inc)
+    final = torch.empty(BH, D1, D2, device=inc.device, dtype=torch.float32)
+    if init is not None:
+        init = init.to(torch.float32).reshape(BH, D1, D2).contiguous()
+    block = min(size, 1024)
+    _scan_increments_kernel[(size // block, BH)](
+        inc, last.contiguous(), init if init is not None else inc, out, final, NC,
+        SIZE=size, BLOCK=block, HAS_INIT=init is not None, REVERSE=reverse, num_warps=4)
+    return out, final

@@ -1,0 +1,100 @@
+"""Every malformed input raises a GKAInputError that names the argument."""
+import pytest
+import torch
+
+from gka_inputs import make_inputs
+from gka_kernels import GKAInputError, gka_chunk, gka_step
+
+
+def _x(dtype=torch.float32):
+    return make_inputs(1, 5, 2, 8, dtype=dtype)
+
+
+def _replace(x, i, t):
+    x = list(x)
+    x[i] = t
+    return x
+
+
+CHUNK_CASES = [
+    ('q must have rank 4', lambda x: _replace(x, 0, x[0][0]), {}),
+    ('g must have rank 3', lambda x: _replace(x, 3, x[3][..., None]), {}),
+    ('leading dims', lambda x: _replace(x, 1, x[1][:, :4]), {}),
+    ('same head dim', lambda x: _replace(x, 1, torch.randn(1, 5, 2, 4)), {}),
+    ('g .*shape', lambda x: _replace(x, 3, -torch.rand(1, 5, 3)), {}),
+    ('alpha .*shape', lambda x: _replace(x, 4, torch.rand(1, 4, 2)), {}),
+    ('q must be float16', lambda x: _replace(x, 0, x[0].to(torch.int32)), {}),
+    ('one dtype', lambda x: _replace(x, 2, x[2].double()), {}),
+    ('g \\(log-decay\\) must be float32', lambda x: _replace(x, 3, x[3].bfloat16()), {}),
+    ('g must be <= 0', lambda x: _replace(x, 3, x[3].abs() + 0.1), {}),
+    ('k is on meta', lambda x: _replace(x, 1, x[1].to('meta')), {}),
+    ('num_iter', lambda x: x, dict(num_iter=-1)),
+    ('num_iter', lambda x: x, dict(num_iter=2.0)),
+    ('num_iter', lambda x: x, dict(num_iter=True)),
+    ('ridge_ratio', lambda x: x, dict(ridge_ratio=0.0)),
+    ('ridge_ratio', lambda x: x, dict(ridge_ratio=float('nan'))),
+    ('scale', lambda x: x, dict(scale=-1.0)),
+    ('chunk_size', lambda x: x, dict(chunk_size=0)),
+    ('backend must be one of', lambda x: x, dict(backend='cuda')),
+    ('needs CUDA tensors', lambda x: x, dict(backend='triton')),
+    ('initial_state must be a pair', lambda x: x, dict(initial_state=torch.zeros(1, 2, 8, 8))),
+    ('initial_state.h_kk must have shape', lambda x: x,
+     dict(initial_state=(torch.zeros(1, 2, 8, 4), torch.zeros(1, 2, 8, 8)))),
+    ('initial_state.h_kv must be a torch.Tensor', lambda x: x, dict(initial_state=(torch.zeros(1, 2, 8, 8), None))),
+]
+
+
+@pytest.mark.parametrize('match,mutate,kwargs', CHUNK_CASES, ids=[c[0] for c in CHUNK_CASES])
+def test_gka_chunk_rejects(match, mutate, kwargs, monkeypatch):
+    monkeypatch.delenv('TRITON_INTERPRET', raising=False)
+    with pytest.raises(GKAInputError, match=match):
+        gka_chunk(*mutate(_x()), **kwargs)
+
+
+def test_non_tensor_input():
+    x = _x()
+    with pytest.raises(GKAInputError, match='q must be a torch.Tensor'):
+        gka_chunk(x[0].tolist(), *x[1:])
+
+
+def test_env_backend_override(monkeypatch):
+    x = _x()
+    monkeypatch.setenv('GKA_BACKEND', 'bogus')
+    with pytest.raises(GKAInputError, match='GKA_BACKEND must be one of'):
+        gka_chunk(*x)
+    monkeypatch.setenv('GKA_BACKEND', 'naive')
+    torch.testing.assert_close(gka_chunk(*x), gka_chunk(*x, backend='naive'), rtol=0, atol=0)
+    explicit = gka_chunk(*x, backend='torch')
+    monkeypatch.setenv('GKA_BACKEND', 'torch')
+    via_env = gka_chunk(*x)
+    # an explicit argument wins over the environment; the two backends differ in the last fp32 bits
+    assert torch.equal(explicit, via_env) and not torch.equal(via_env, gka_chunk(*x, backend='naive'))
+
+
+def test_value_check_can_be_disabled(monkeypatch):
+    x = _x()
+    monkeypatch.setenv('GKA_CHECK_VALUES', '0')
+    gka_chunk(*_replace(x, 3, x[3].abs()))  # no sync, no error: the caller vouches for the sign
+
+
+STEP_CASES = [
+    ('q must have rank 3', lambda x: _replace(x, 0, x[0][None, None])),
+    ('takes one token', lambda x: [t[:, None].expand(-1, 2, *t.shape[1:]) for t in x]),
+    ('g .*shape', lambda x: _replace(x, 3, -torch.rand(1, 3))),
+    ('g must be <= 0', lambda x: _replace(x, 3, torch.rand(1, 2) + 0.5)),
+]
+
+
+@pytest.mark.parametrize('match,mutate', STEP_CASES, ids=[c[0] for c in STEP_CASES])
+def test_gka_step_rejects(match, mutate):
+    x = [t[:, 0] for t in _x()]
+    with pytest.raises(GKAInputError, match=match):
+        gka_step(*mutate(x))
+
+
+def test_gka_step_rejects_bad_state():
+    x = [t[:, 0] for t in _x()]
+    with pytest.raises(GKAInputError, match='state.h_kk must have shape'):
+        gka_step(*x, (torch.zeros(1, 2, 4, 4), torch.zeros(1, 2, 8, 8)))
+    with pytest.raises(GKAInputError, match='state.h_kv is on meta'):
+        gka_step(*x, (torch.zeros(1, 2, 8, 8), torch.zeros(1, 2, 8, 8, device='meta')))
