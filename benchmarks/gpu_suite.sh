@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Everything the GPU machine has to check and time, in one call (the device lease is short).
+#   bash benchmarks/gpu_suite.sh [stage ...]     stages: setup tests kernels models lm   (default: all)
+# Writes logs, JSON, markdown and PNGs under $OUT (default benchmarks/results). Each stage has its own time limit
+# and a failing stage does not stop the others; the exit code is the number of failed stages.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-benchmarks/results}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+stages=("$@")
+[ ${#stages[@]} -eq 0 ] && stages=(setup tests kernels models lm)
+failed=0
+
+run_stage() {  # name, limit (s), command...
+  local name=$1 limit=$2; shift 2
+  echo "=== $name (limit ${limit}s) $(date +%T)"
+  local t0=$SECONDS
+  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+  local rc=$?
+  echo "=== $name rc=$rc in $((SECONDS - t0))s"
+  tail -n 25 "$OUT/$name.log"
+  [ $rc -eq 0 ] || failed=$((failed + 1))
+}
+
+for s in "${stages[@]}"; do
+  case $s in
+    setup)
+      # The GPU image has torch/triton/timm; install only our package, offline, without touching them.
+      run_stage setup 120 bash -c 'python3 -m pip install -q --no-deps --no-build-isolation -e . && \
+        python3 -c "import torch, triton, timm, gka_kernels, gka_vision; print(torch.__version__, triton.__version__, \
+        timm.__version__, torch.cuda.get_device_name(), gka_kernels.resolve_backend(None, torch.device(\"cuda\")))"' ;;
+    tests)   run_stage tests 300 python3 -m pytest -q -m gpu tests ;;
+    kernels) run_stage kernels 240 python3 benchmarks/kernels.py --out "$OUT" ;;
+    models)  run_stage models 300 python3 benchmarks/models.py --out "$OUT" ;;
+    lm)      run_stage mqar 360 python3 benchmarks/mqar.py --out "$OUT"
+             run_stage decode 120 python3 benchmarks/decode.py --out "$OUT" ;;
+    *) echo "unknown stage $s"; failed=$((failed + 1)) ;;
+  esac
+done
+exit $failed

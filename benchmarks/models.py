@@ -1,0 +1,264 @@
+"""Whole-model efficiency: GKA backbones vs timm's DeiT (fused SDPA attention) across resolutions.
+
+For every model and image size: images/s and peak activation memory for inference and for one training step
+(fwd + bwd + AdamW, bf16 autocast). Timing: warm-up, then the median of CUDA-event-timed repeats. Activation memory
+is the peak allocated during a step minus what was allocated before it (weights and inputs; for training also
+gradients and AdamW state, which exist after the warm-up step). An out-of-memory is recorded, not raised.
+
+    python benchmarks/models.py --out benchmarks/results            # GPU: the full table and plots
+    python benchmarks/models.py --cpu --out benchmarks/results      # CPU inference at 224 px, batch 1
+    python benchmarks/models.py --profile gka_small --img-size 1024 # where the time goes (kernel / proj / glue)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import statistics
+import sys
+import time
+from typing import Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+import timm  # noqa: E402
+
+import gka_vision  # noqa: E402,F401  (registers the gka models)
+
+GKA_MODELS = [f'gka_{s}{v}' for s in ('tiny', 'small', 'base') for v in ('', '_cross', '_alt')]
+DEIT_MODELS = [f'deit_{s}_patch16_224' for s in ('tiny', 'small', 'base')]
+SIZES = (224, 512, 1024, 2048, 4096)
+INFER_BATCH = {224: 256, 512: 64, 1024: 16, 2048: 4, 4096: 1}
+TRAIN_BATCH = {224: 128, 512: 32, 1024: 8, 2048: 2, 4096: 1}
+
+
+def build(name: str, img_size: int, device, compile_model: bool = False):
+    model = timm.create_model(name, img_size=img_size, num_classes=1000).to(device)
+    return torch.compile(model) if compile_model else model
+
+
+def _time_cuda(fn, warmup: int, repeats: int) -> List[float]:
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return times
+
+
+def measure(name: str, img_size: int, batch: int, mode: str, device, warmup: int, repeats: int,
+            compile_model: bool) -> Dict:
+    row = dict(model=name, img_size=img_size, batch=batch, mode=mode)
+    model = x = opt = None
+    try:
+        torch.cuda.empty_cache()
+        model = build(name, img_size, device, compile_model)
+        x = torch.randn(batch, 3, img_size, img_size, device=device)
+        if mode == 'infer':
+            model.eval()
+
+            def step():
+                with torch.inference_mode(), torch.autocast('cuda', dtype=torch.bfloat16):
+                    model(x)
+        else:
+            model.train()
+            y = torch.randint(0, 1000, (batch,), device=device)
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+
+            def step():
+                with torch.autocast('cuda', dtype=torch.bfloat16):
+                    loss = F.cross_entropy(model(x), y)
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+        step()  # first call: compilation, optimizer state
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        torch.cuda.synchronize()
+        row['act_gib'] = (torch.cuda.max_memory_allocated() - base) / 2 ** 30
+        times = _time_cuda(step, warmup, repeats)
+        row['ms'] = statistics.median(times) * 1e3
+        row['img_s'] = batch / statistics.median(times)
+    except torch.cuda.OutOfMemoryError:
+        row['oom'] = True
+    finally:
+        del model, x, opt
+        torch.cuda.empty_cache()
+    return row
+
+
+def measure_cpu(name: str, repeats: int) -> Dict:
+    model = build(name, 224, 'cpu').eval()
+    x = torch.randn(1, 3, 224, 224)
+    with torch.inference_mode():
+        model(x)
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            model(x)
+            times.append(time.perf_counter() - t0)
+    ms = statistics.median(times) * 1e3
+    return dict(model=name, img_size=224, batch=1, mode='infer-cpu', ms=ms, img_s=1e3 / ms)
+
+
+def profile(name: str, img_size: int, batch: int, device) -> Dict[str, float]:
+    """Splits one inference forward's CUDA time into the GKA kernels, the projections (matmuls) and the rest."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+    model = build(name, img_size, device).eval()
+    x = torch.randn(batch, 3, img_size, img_size, device=device)
+    with torch.inference_mode(), torch.autocast('cuda', dtype=torch.bfloat16):
+        for _ in range(3):
+            model(x)
+        torch.cuda.synchronize()
+        with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+            model(x)
+            torch.cuda.synchronize()
+    buckets = {'gka kernels': 0.0, 'matmul (projections, MLP)': 0.0, 'other (glue, norms, conv)': 0.0}
+    for ev in prof.key_averages():
+        t = ev.device_time_total if hasattr(ev, 'device_time_total') else ev.cuda_time_total
+        key = ev.key.lower()
+        if 'gka' in key or '_kernel' in key and 'cheb' in key:
+            buckets['gka kernels'] += t
+        elif any(s in key for s in ('gemm', 'sm90', 'cutlass', 'matmul', 'nvjet')):
+            buckets['matmul (projections, MLP)'] += t
+        else:
+            buckets['other (glue, norms, conv)'] += t
+    total = sum(buckets.values()) or 1.0
+    return {k: round(100 * v / total, 1) for k, v in buckets.items()} | {'total_ms': total / 1e3}
+
+
+def markdown(rows: List[Dict], mode: str) -> str:
+    models = list(dict.fromkeys(r['model'] for r in rows if r['mode'] == mode))
+    sizes = sorted({r['img_size'] for r in rows if r['mode'] == mode})
+    head = '| model | ' + ' | '.join(f'{s} px img/s (act GiB)' for s in sizes) + ' |'
+    lines = [head, '|' + '---|' * (len(sizes) + 1)]
+    for m in models:
+        cells = []
+        for s in sizes:
+            r = next((r for r in rows if r['model'] == m and r['img_size'] == s and r['mode'] == mode), None)
+            if r is None:
+                cells.append('–')
+            elif r.get('oom'):
+                cells.append('OOM')
+            elif 'act_gib' in r:
+                cells.append(f"{r['img_s']:,.1f} ({r['act_gib']:.2f})")
+            else:
+                cells.append(f"{r['img_s']:,.1f} ({r['ms']:.1f} ms)")
+        lines.append(f'| {m} | ' + ' | '.join(cells) + ' |')
+    return '\n'.join(lines)
+
+
+def ratios(rows: List[Dict], mode: str) -> str:
+    """GKA / DeiT throughput and memory ratios for equal widths."""
+    out = [f'| {mode}: GKA / DeiT | ' + ' | '.join(f'{s} px' for s in SIZES) + ' |', '|' + '---|' * (len(SIZES) + 1)]
+    for size in ('tiny', 'small', 'base'):
+        for v in ('', '_cross', '_alt'):
+            cells = []
+            for s in SIZES:
+                a = next((r for r in rows if r['model'] == f'gka_{size}{v}' and r['img_size'] == s
+                          and r['mode'] == mode and 'img_s' in r), None)
+                b = next((r for r in rows if r['model'] == f'deit_{size}_patch16_224' and r['img_size'] == s
+                          and r['mode'] == mode and 'img_s' in r), None)
+                cells.append(f"{a['img_s'] / b['img_s']:.2f}× / mem {a['act_gib'] / b['act_gib']:.2f}×"
+                             if a and b else '–')
+            out.append(f'| gka_{size}{v} | ' + ' | '.join(cells) + ' |')
+    return '\n'.join(out)
+
+
+def plot(rows: List[Dict], mode: str, path: pathlib.Path, title: str):
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 5))
+    colors = {'tiny': 'tab:blue', 'small': 'tab:orange', 'base': 'tab:green'}
+    for m in dict.fromkeys(r['model'] for r in rows if r['mode'] == mode):
+        pts = sorted((r['img_size'], r['img_s'], r['act_gib']) for r in rows
+                     if r['model'] == m and r['mode'] == mode and 'img_s' in r)
+        if not pts:
+            continue
+        size = next(s for s in colors if s in m)
+        style = '--' if m.startswith('deit') else ('-' if m.count('_') == 1 else (':' if 'cross' in m else '-.'))
+        kw = dict(color=colors[size], linestyle=style, marker='o' if m.startswith('gka') else 's', label=m)
+        ax1.plot([p[0] for p in pts], [p[1] for p in pts], **kw)
+        ax2.plot([p[0] for p in pts], [p[2] for p in pts], **kw)
+    for ax, label in ((ax1, 'images / s'), (ax2, 'peak activation memory (GiB)')):
+        ax.set_xscale('log', base=2)
+        ax.set_yscale('log')
+        ax.set_xlabel('image size (px)')
+        ax.set_ylabel(label)
+        ax.set_xticks(SIZES, [str(s) for s in SIZES])
+        ax.grid(True, which='both', alpha=0.3)
+    ax2.legend(fontsize=7, ncol=2)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv: Optional[List[str]] = None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--out', default='benchmarks/results')
+    p.add_argument('--models', nargs='*', default=GKA_MODELS + DEIT_MODELS)
+    p.add_argument('--sizes', nargs='*', type=int, default=list(SIZES))
+    p.add_argument('--modes', nargs='*', default=['infer', 'train'], choices=['infer', 'train'])
+    p.add_argument('--warmup', type=int, default=2)
+    p.add_argument('--repeats', type=int, default=5)
+    p.add_argument('--compile', action='store_true', help='torch.compile each model first')
+    p.add_argument('--cpu', action='store_true', help='CPU inference at 224 px, batch 1')
+    p.add_argument('--profile', metavar='MODEL', help='profile one model at --img-size instead of the sweep')
+    p.add_argument('--img-size', type=int, default=1024)
+    args = p.parse_args(argv)
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    if args.profile:
+        res = profile(args.profile, args.img_size, INFER_BATCH.get(args.img_size, 1), 'cuda')
+        print(json.dumps(res, indent=1))
+        (out / f'profile_{args.profile}_{args.img_size}.json').write_text(json.dumps(res, indent=1))
+        return
+    env = dict(torch=torch.__version__, timm=timm.__version__, backend=os.environ.get('GKA_BACKEND', 'default'))
+    if args.cpu:
+        torch.set_num_threads(os.cpu_count() or 1)
+        rows = [measure_cpu(m, args.repeats) for m in args.models]
+        env.update(device=f'CPU ({os.cpu_count()} cores)', threads=torch.get_num_threads())
+        table = markdown(rows, 'infer-cpu')
+        (out / 'models_cpu.json').write_text(json.dumps(dict(env=env, rows=rows), indent=1))
+        (out / 'models_cpu.md').write_text(table + '\n')
+        print(env)
+        print(table)
+        return
+
+    import triton
+    env.update(device=torch.cuda.get_device_name(), triton=triton.__version__, compile=args.compile)
+    rows = []
+    for mode in args.modes:
+        batches = INFER_BATCH if mode == 'infer' else TRAIN_BATCH
+        for m in args.models:
+            for s in args.sizes:
+                t0 = time.time()
+                r = measure(m, s, batches[s], mode, 'cuda', args.warmup, args.repeats, args.compile)
+                rows.append(r)
+                print(f"{mode:5s} {m:24s} {s:5d}px bs{batches[s]:<4d} "
+                      + ('OOM' if r.get('oom') else f"{r['img_s']:10.1f} img/s  act {r['act_gib']:.2f} GiB")
+                      + f'  ({time.time() - t0:.1f}s)', flush=True)
+                (out / 'models.json').write_text(json.dumps(dict(env=env, rows=rows), indent=1))
+    md = [f"Environment: {env}", '']
+    for mode in args.modes:
+        md += [f'### {mode}', '', markdown(rows, mode), '', ratios(rows, mode), '']
+        plot(rows, mode, out / f'models_{mode}.png', f"{mode} — {env['device']}, bf16, torch {env['torch']}")
+    (out / 'models.md').write_text('\n'.join(md))
+    print('\n'.join(md))
+
+
+if __name__ == '__main__':
+    main()
