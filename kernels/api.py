@@ -12,7 +12,8 @@ __all__ = ['gka_chunk', 'gka_step', 'BACKENDS', 'resolve_backend']
 
 State = Tuple[torch.Tensor, torch.Tensor]
 BACKENDS = ('triton', 'torch', 'naive')
-DEFAULT_CHUNK_SIZE = 64
+# The torch backend on CPU: 32 beat 16 and 64 at T = 64 … 4096 (fwd+bwd, fp32; benchmarks in the foundation notes).
+DEFAULT_CHUNK_SIZE = 32
 
 
 def _triton_available() -> bool:

@@ -126,3 +126,12 @@ def test_zero_gram_gives_no_nan(backend):
             assert torch.isfinite(t.grad).all()
     o = gka_chunk(q, k_zero, v, g, alpha, backend=backend)
     assert torch.count_nonzero(o) == 0
+
+
+@pytest.mark.parametrize('backend', ['torch', 'naive'])
+def test_empty_sequence_passes_the_state_through(backend):
+    x = make_inputs(1, 0, 2, 8)
+    h0 = torch.randn(1, 2, 8, 8, dtype=torch.float64)
+    u0 = torch.randn(1, 2, 8, 8, dtype=torch.float64)
+    o, (h, u) = gka_chunk(*x, initial_state=(h0, u0), output_final_state=True, backend=backend)
+    assert o.shape == (1, 0, 2, 8) and torch.equal(h, h0) and torch.equal(u, u0)

@@ -99,6 +99,14 @@ class GKAChunkFunction(torch.autograd.Function):
 def gka_chunk_torch(q, k, v, g, alpha, num_iter, ridge_ratio, scale, chunk_size, initial_state,
                     output_final_state) -> Tuple[torch.Tensor, Optional[Tuple[torch.Tensor, torch.Tensor]]]:
     h0, u0 = initial_state if initial_state is not None else (None, None)
+    if q.shape[1] == 0:
+        # An empty sequence: no output, and the state passes through unchanged.
+        B, _, H, Dk = q.shape
+        Dv = v.shape[-1]
+        cdt = state_dtype(q.dtype)
+        hT = q.new_zeros(B, H, Dk, Dk, dtype=cdt) if h0 is None else h0.to(cdt)
+        uT = q.new_zeros(B, H, Dk, Dv, dtype=cdt) if u0 is None else u0.to(cdt)
+        return q.new_zeros(B, 0, H, Dv), ((hT, uT) if output_final_state else None)
     o, hT, uT = GKAChunkFunction.apply(q, k, v, g, alpha, h0, u0, num_iter, float(ridge_ratio), float(scale),
                                        chunk_size)
     return o, ((hT, uT) if output_final_state else None)
