@@ -12,7 +12,7 @@ __all__ = ['gka_chunk', 'gka_step', 'BACKENDS', 'resolve_backend']
 
 State = Tuple[torch.Tensor, torch.Tensor]
 BACKENDS = ('triton', 'torch', 'naive')
-# The torch backend on CPU: 32 beat 16 and 64 at T = 64 … 4096 (fwd+bwd, fp32; benchmarks in the foundation notes).
+# The torch backend on CPU: 32 beat 16 and 64 at T = 64 … 4096 (fwd+bwd, fp32, 2-core CPU).
 DEFAULT_CHUNK_SIZE = 32
 
 
