@@ -57,8 +57,6 @@ class GKACache:
 
     def check(self, config: GKAConfig, batch_size: int, device: torch.device) -> None:
         """Raise ValueError unless this cache fits a model with ``config`` and a batch of ``batch_size`` rows."""
-        if not isinstance(self, GKACache):
-            raise ValueError(f'cache must be a GKACache returned by GKAForCausalLM.forward, got {type(self).__name__}')
         if tuple(self.signature) != config.cache_signature():
             raise ValueError('cache was built by a model with another config: (num_layers, hidden_size, num_heads, '
                              f'num_kv_heads, head_dim, conv_size) = {tuple(self.signature)}, but this model has '

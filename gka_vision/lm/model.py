@@ -141,6 +141,8 @@ class GKAForCausalLM(nn.Module):
             raise ValueError(f'labels must be a tensor shaped like input_ids {list(input_ids.shape)}, got {got}')
         if labels.dtype.is_floating_point or labels.dtype == torch.bool:
             raise TypeError(f'labels must be an integer tensor, got {labels.dtype}')
+        if labels.shape[1] < 2:
+            raise ValueError('labels need at least 2 tokens: position t is scored against labels[:, t + 1]')
         valid = ((labels >= 0) & (labels < self.config.vocab_size)) | (labels == IGNORE_INDEX)
         if not bool(valid.all()):
             bad = int(labels[~valid][0])

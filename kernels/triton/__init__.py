@@ -1,9 +1,36 @@
-"""Triton chunk kernels (CUDA). Importable without a GPU; ``is_available`` says whether they can run."""
+"""Triton kernels of the GKA operator (CUDA, or the CPU interpreter under ``TRITON_INTERPRET=1``).
+
+Files by concern: ``state_pass`` (inter-chunk state recurrences), ``solve`` (fused Frobenius norm + Chebyshev
+solve + readout per chunk, and the adjoint solve), ``backward`` (implicit gradient), ``decode`` (one token),
+``function`` (the autograd.Function). Importing this package imports neither Triton nor a kernel module: Triton
+fixes interpreter mode when a kernel is decorated, so the kernels are loaded on first use.
+"""
 from __future__ import annotations
 
-__all__ = ['is_available']
+import os
+
+__all__ = ['is_available', 'gka_chunk_triton', 'gka_step_triton']
 
 
 def is_available() -> bool:
-    """The Triton backend is not implemented yet (issue: Triton chunk kernels); CUDA falls back to torch."""
-    return False
+    """True when Triton imports and there is a CUDA device or the interpreter is on (``TRITON_INTERPRET=1``)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    if os.environ.get('TRITON_INTERPRET') == '1':
+        return True
+    import torch
+    return torch.cuda.is_available()
+
+
+def gka_chunk_triton(q, k, v, g, alpha, **kwargs):
+    """See :func:`gka_kernels.triton.function.gka_chunk_triton`."""
+    from .function import gka_chunk_triton as impl
+    return impl(q, k, v, g, alpha, **kwargs)
+
+
+def gka_step_triton(q, k, v, g, alpha, state=None, **kwargs):
+    """See :func:`gka_kernels.triton.decode.gka_step_triton`."""
+    from .decode import gka_step_triton as impl
+    return impl(q, k, v, g, alpha, state, **kwargs)

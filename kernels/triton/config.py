@@ -6,11 +6,10 @@ from typing import Optional
 
 import torch
 
+from ..chebyshev import F_MIN  # the same floor on ‖H‖_F as every other backend
 from ..validation import GKAInputError
 
 __all__ = ['HEAD_DIMS', 'CHUNK_SIZES', 'check_triton_inputs', 'pick_chunk_size', 'solve_dot_mode', 'F_MIN']
-
-from ..chebyshev import F_MIN  # noqa: E402  (the same floor as every other backend)
 
 HEAD_DIMS = (32, 64, 128)
 CHUNK_SIZES = (16, 32, 64)
@@ -30,6 +29,9 @@ def check_triton_inputs(q: torch.Tensor, v: torch.Tensor, chunk_size: Optional[i
                             'use backend="torch" or "naive" for float64')
     if chunk_size is not None and chunk_size not in CHUNK_SIZES:
         raise GKAInputError(f'backend "triton" supports chunk_size in {CHUNK_SIZES} (or None), got {chunk_size}')
+    if chunk_size == 64 and max(q.shape[-1], v.shape[-1]) == 128:
+        # the per-chunk kernel's tiles exceed the H200's shared memory (240 KB needed, 227 KB available)
+        raise GKAInputError('backend "triton" supports chunk_size 16 or 32 (or None) at head dim 128, got 64')
 
 
 def pick_chunk_size(chunk_size: Optional[int], head_dim: int) -> int:
@@ -50,13 +52,21 @@ def pick_chunk_size(chunk_size: Optional[int], head_dim: int) -> int:
 def solve_dot_mode(dtype: torch.dtype) -> str:
     """Operand precision of the tensor-core dots inside the Chebyshev loop.
 
+    The solve amplifies matvec rounding by up to κ ≤ 1 + 1/r = 51, so 16-bit or tf32 operands cost accuracy:
+    on the H200 the output error vs float64 was 4e-2 with bf16 operands and 6e-3 with tf32 (bf16 inputs, N = 30;
+    benchmarks/KERNEL_NOTES.md), against a 2e-3 target.
+
     'ieee': fp32 operands, exact fp32 products (fp32 inputs: the tight path).
-    'tf32': fp32 operands rounded to tf32 (10-bit mantissa) by the tensor cores (default for 16-bit inputs).
+    'bf16x3': the iterate (and H⁰) split into bf16 hi + lo, three bf16 dots where both sides are inexact and
+        two where the keys are exact in bf16: ~16 mantissa bits at bf16 tensor-core speed (bf16 inputs; fp16
+        inputs fall back to tf32x3, see solve.dot_mode).
+    'tf32x3': three tf32 dots per product (fp32-like accuracy).
+    'tf32': fp32 operands rounded to tf32 (10-bit mantissa).
     'lowp': operands cast to the input's 16-bit dtype (the reference kernels' choice), fp32 accumulation.
     ``GKA_TRITON_DOT`` overrides the choice for 16-bit inputs (benchmarks)."""
     if dtype == torch.float32:
         return 'ieee'
-    mode = os.environ.get('GKA_TRITON_DOT', 'tf32')
-    if mode not in ('ieee', 'tf32', 'lowp'):
-        raise GKAInputError(f'GKA_TRITON_DOT must be ieee, tf32 or lowp, got {mode!r}')
+    mode = os.environ.get('GKA_TRITON_DOT', 'bf16x3')
+    if mode not in ('ieee', 'tf32', 'tf32x3', 'bf16x3', 'lowp'):
+        raise GKAInputError(f'GKA_TRITON_DOT must be ieee, tf32, tf32x3, bf16x3 or lowp, got {mode!r}')
     return mode

@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..chebyshev import chebyshev_omegas
+from .solve import _omegas
 from .config import F_MIN
 
 
@@ -81,8 +81,7 @@ def gka_step_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.
         hkk_in, hkv_in = hkk_out, hkv_out
     if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    om = torch.tensor(chebyshev_omegas(num_iter, float(ridge_ratio)) or (0.0,), dtype=torch.float32,
-                      device=q.device)
+    om = _omegas(num_iter, ridge_ratio, q.device)
     _step_kernel[(B * H,)](
         q, k, v, g, alpha, hkk_in, hkv_in, hkk_out, hkv_out, o, om,
         H, float(ridge_ratio), float(scale), F_MIN,

@@ -4,6 +4,9 @@ the iterate kept on chip, the α-mix and the gated-linear-attention readout, one
 The same kernel, with the forward's f loaded and no readout, is the adjoint solve of the backward (§5.1)."""
 from __future__ import annotations
 
+import functools
+
+import os
 from typing import Optional, Tuple
 
 import torch
@@ -15,17 +18,79 @@ from .config import F_MIN
 
 
 @triton.jit
-def _mm(a, b, MODE: tl.constexpr):
-    """a @ b with fp32 accumulation; MODE 0 exact fp32, 1 tf32, 2 bf16 operands, 3 fp16 operands."""
+def _op(a, MODE: tl.constexpr):
+    """A dot operand in the precision of MODE (cast once, outside the iteration loop)."""
+    if MODE == 2:
+        out = a.to(tl.bfloat16)
+    elif MODE == 3:
+        out = a.to(tl.float16)
+    elif MODE == 5:
+        out = a.to(tl.bfloat16)
+    else:
+        out = a
+    return out
+
+
+@triton.jit
+def _lo(a, MODE: tl.constexpr):
+    """The rounding remainder a − bf16(a), itself in bf16 (MODE 5 only; a placeholder otherwise)."""
+    if MODE == 5:
+        out = (a - a.to(tl.bfloat16).to(tl.float32)).to(tl.bfloat16)
+    else:
+        out = a
+    return out
+
+
+@triton.jit
+def _mm(a, b, b_lo, MODE: tl.constexpr, SPLIT_B: tl.constexpr):
+    """a @ b with fp32 accumulation, a fp32. MODE 0 exact fp32, 1 tf32, 2 bf16 operands, 3 fp16 operands,
+    4 tf32x3, 5 bf16 hi/lo split of a (and of b when SPLIT_B; b = bf16(B), b_lo = B − b): ~16 mantissa bits."""
     if MODE == 0:
         out = tl.dot(a, b, input_precision='ieee')
     elif MODE == 1:
         out = tl.dot(a, b, input_precision='tf32')
     elif MODE == 2:
-        out = tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
+        out = tl.dot(a.to(tl.bfloat16), b)
+    elif MODE == 3:
+        out = tl.dot(a.to(tl.float16), b)
+    elif MODE == 4:
+        out = tl.dot(a, b, input_precision='tf32x3')
     else:
-        out = tl.dot(a.to(tl.float16), b.to(tl.float16))
+        a_hi = a.to(tl.bfloat16)
+        a_lo = (a - a_hi.to(tl.float32)).to(tl.bfloat16)
+        if SPLIT_B:
+            out = tl.dot(a_hi, b_lo)
+            out = tl.dot(a_lo, b, out)
+        else:
+            out = tl.dot(a_lo, b)
+        out = tl.dot(a_hi, b, out)
     return out
+
+
+@triton.jit
+def _cheb_solve(rhs, K, Kt, H0, M, e, f, r, om_ptr, C: tl.constexpr, D: tl.constexpr, N: tl.constexpr,
+                MODE: tl.constexpr):
+    """N Chebyshev steps for (H_τ + r f_τ I) x_τ = rhs_τ, all rows of the chunk at once, iterate on chip.
+
+    H_τ x = e_τ H⁰x + Σ_σ M[τ,σ] (k_σ·x) k_σ: three dots per step. f is floored already. In MODE 5 the keys
+    must be exact in bf16 (bf16 inputs); H⁰ and the masked scores are split into hi + lo."""
+    lam = (r * f)[:, None]
+    eta = (2.0 / ((1.0 + 2.0 * r) * f))[:, None]
+    ee = e[:, None]
+    H0m = _op(H0, MODE)
+    H0l = _lo(H0, MODE)
+    Km = _op(K, MODE)
+    Ktm = _op(Kt, MODE)
+    x_prev = tl.zeros([C, D], dtype=tl.float32)
+    x = eta * rhs
+    for i in range(N):
+        om = tl.load(om_ptr + i)
+        ax = ee * _mm(x, H0m, H0l, MODE, True) + _mm(_mm(x, Ktm, Ktm, MODE, False) * M, Km, Km, MODE, False) \
+            + lam * x
+        x_new = om * (x - eta * (ax - rhs)) + (1.0 - om) * x_prev
+        x_prev = x
+        x = x_new
+    return x
 
 
 @triton.jit
@@ -40,10 +105,10 @@ def _chunk_solve_kernel(
         s_xb, s_xt, s_xh,
         s_ob, s_ot, s_oh,
         D: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, N: tl.constexpr, MODE: tl.constexpr,
-        LOAD_F: tl.constexpr, READOUT: tl.constexpr, STORE_X: tl.constexpr,
+        ACC: tl.constexpr, LOAD_F: tl.constexpr, READOUT: tl.constexpr, STORE_X: tl.constexpr,
 ):
-    ic = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
+    bh = tl.program_id(0).to(tl.int64)   # b·h on the axis without the 65,535 limit
+    ic = tl.program_id(1)
     b = bh // H
     h = bh % H
     rc = tl.arange(0, C)
@@ -70,25 +135,15 @@ def _chunk_solve_kernel(
             f = tl.maximum(f, f_min)
         else:
             # ‖H_τ‖²_F = e²‖H⁰‖² + 2e Σ_σ M[τ,σ] k_σᵀH⁰k_σ + Σ_{σ,σ'} M[τ,σ] M[τ,σ'] (k_σ·k_σ')²
-            kHk = tl.sum(tl.dot(K, H0, input_precision='ieee') * K, 1)
-            S = tl.dot(K, Kt, input_precision='ieee')
-            MP = tl.dot(M, S * S, input_precision='ieee')
+            kHk = tl.sum(tl.dot(K, H0, input_precision=ACC) * K, 1)
+            S = tl.dot(K, Kt, input_precision=ACC)
+            MP = tl.dot(M, S * S, input_precision=ACC)
             hn = tl.sum(tl.sum(H0 * H0, 1), 0)
             f2 = e * e * hn + 2.0 * e * tl.sum(M * kHk[None, :], 1) + tl.sum(MP * M, 1)
             f = tl.sqrt(tl.maximum(f2, 0.0))
             f = tl.where(f > f_min, f, f_min)
             tl.store(f_ptr + b * s_gb + h * s_gh + t * s_gt, f, mask=tm)
-        lam = (r * f)[:, None]
-        eta = (2.0 / ((1.0 + 2.0 * r) * f))[:, None]
-        ee = e[:, None]
-        x_prev = tl.zeros([C, D], dtype=tl.float32)
-        x = eta * Q
-        for i in range(N):
-            om = tl.load(om_ptr + i)
-            ax = ee * _mm(x, H0, MODE) + _mm(_mm(x, Kt, MODE) * M, K, MODE) + lam * x
-            x_new = om * (x - eta * (ax - Q)) + (1.0 - om) * x_prev
-            x_prev = x
-            x = x_new
+        x = _cheb_solve(Q, K, Kt, H0, M, e, f, r, om_ptr, C, D, N, MODE)
         if STORE_X:
             tl.store(x_ptr + b * s_xb + h * s_xh + t[:, None] * s_xt + rd[None, :], x, mask=tm[:, None])
 
@@ -102,24 +157,46 @@ def _chunk_solve_kernel(
         V = tl.load(v_ptr + b * s_vb + h * s_vh + t[:, None] * s_vt + rv[None, :], mask=tm[:, None],
                     other=0.0).to(tl.float32)
         U0 = tl.load(u0_ptr + (bh * NC + ic) * D * DV + rd[:, None] * DV + rv[None, :])
-        O = e[:, None] * tl.dot(Qt, U0, input_precision='ieee') \
-            + tl.dot(tl.dot(Qt, Kt, input_precision='ieee') * M, V, input_precision='ieee')
+        O = e[:, None] * tl.dot(Qt, U0, input_precision=ACC) \
+            + tl.dot(tl.dot(Qt, Kt, input_precision=ACC) * M, V, input_precision=ACC)
         O = O * scale
         tl.store(o_ptr + b * s_ob + h * s_oh + t[:, None] * s_ot + rv[None, :], O.to(o_ptr.dtype.element_ty),
                  mask=tm[:, None])
 
 
-_MODES = {'ieee': 0, 'tf32': 1}
+_MODES = {'ieee': 0, 'tf32': 1, 'tf32x3': 4, 'bf16x3': 5}
 
 
-def _mode(dot: str, dtype: torch.dtype) -> int:
+def dot_mode(dot: str, dtype: torch.dtype) -> int:
+    """The kernels' MODE number of a ``config.solve_dot_mode`` name for inputs of ``dtype``."""
     if dot == 'lowp':
         return 3 if dtype == torch.float16 else 2
+    if dot == 'bf16x3' and dtype != torch.bfloat16:
+        return 4   # the split needs keys exact in bf16, and fp16 iterates can overflow
     return _MODES[dot]
 
 
+def acc_precision(dtype: torch.dtype) -> str:
+    """Operand precision of the fixed (not iterated) dots: norms, readout, gradients, state passes. tf32x3 is
+    fp32-like on the tensor cores; the interpreter computes every dot in fp32 anyway. ``GKA_TRITON_ACC=tf32``
+    (16-bit inputs only) trades ~3e-4 relative error in those dots for fewer MMAs (benchmarks)."""
+    if dtype == torch.float32:
+        return 'ieee'
+    acc = os.environ.get('GKA_TRITON_ACC', 'tf32x3')
+    if acc not in ('tf32', 'tf32x3', 'ieee'):
+        raise ValueError(f'GKA_TRITON_ACC must be tf32, tf32x3 or ieee, got {acc!r}')
+    return acc
+
+
+@functools.lru_cache(maxsize=64)
+def _omegas_cached(num_iter: int, ridge_ratio: float, device: torch.device) -> torch.Tensor:
+    return torch.tensor(chebyshev_omegas(num_iter, ridge_ratio) or (0.0,), dtype=torch.float32, device=device)
+
+
 def _omegas(num_iter: int, ridge_ratio: float, device: torch.device) -> torch.Tensor:
-    return torch.tensor(chebyshev_omegas(num_iter, float(ridge_ratio)) or (0.0,), dtype=torch.float32, device=device)
+    """The ω schedule on the device, made once per (N, r, device): a host-to-device copy per call would cost a
+    sync per layer and make the kernels impossible to capture in a CUDA graph (decoding)."""
+    return _omegas_cached(int(num_iter), float(ridge_ratio), torch.device(device))
 
 
 def _strides3(t: torch.Tensor):
@@ -127,6 +204,9 @@ def _strides3(t: torch.Tensor):
 
 
 def _num_warps(D: int, C: int) -> int:
+    env = os.environ.get('GKA_TRITON_WARPS')   # benchmarks only
+    if env:
+        return int(env)
     return 8 if D * C >= 128 * 64 or D == 128 else 4
 
 
@@ -144,30 +224,33 @@ def chunk_forward(q, k, v, g, alpha, H0, U0, num_iter: int, ridge_ratio: float, 
     x = torch.empty(B, T, H, D, device=q.device, dtype=torch.float32) if solve else None
     f = torch.empty(B, T, H, device=q.device, dtype=torch.float32) if solve else None
     gs = g if g.stride() == (T * H, H, 1) or not solve else g.contiguous()
-    _chunk_solve_kernel[(NC, B * H)](
+    _chunk_solve_kernel[(B * H, NC)](
         q, k, v, gs, alpha, H0, U0, _omegas(num_iter, ridge_ratio, q.device),
         f if solve else gs, x if solve else o, o,
         T, H, NC, float(ridge_ratio), float(scale), F_MIN,
         *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(gs), *_strides3(alpha),
         *(_strides3(x) if solve else (0, 0, 0)), *_strides3(o),
-        D=D, DV=DV, C=chunk_size, N=num_iter, MODE=_mode(dot, q.dtype),
+        D=D, DV=DV, C=chunk_size, N=num_iter, MODE=dot_mode(dot, q.dtype), ACC=acc_precision(q.dtype),
         LOAD_F=False, READOUT=True, STORE_X=solve, num_warps=_num_warps(D, chunk_size),
     )
     return o, x, f
 
 
-def chunk_adjoint_solve(rhs: torch.Tensor, k: torch.Tensor, f: torch.Tensor, H0: torch.Tensor, num_iter: int,
-                        ridge_ratio: float, chunk_size: int, dot: str) -> torch.Tensor:
-    """u = A⁻¹ rhs with the forward's norms f [B, T, H] (fp32, contiguous): rhs, k [B, T, H, D] → u fp32."""
-    B, T, H, D = rhs.shape
+def chunk_adjoint_solve(rhs: torch.Tensor, k: torch.Tensor, g: torch.Tensor, f: torch.Tensor, H0: torch.Tensor,
+                        num_iter: int, ridge_ratio: float, chunk_size: int, dot: str) -> torch.Tensor:
+    """u = A⁻¹ rhs with the forward's norms f [B, T, H] (fp32; g and f both contiguous [B, T, H]).
+
+    k [B, T, H, D]; rhs [B, T', H, D] with T' ≥ T (rows past T are ignored) and any strides; u [B, T, H, D] fp32."""
+    B, T, H, D = k.shape
     NC = triton.cdiv(T, chunk_size)
     u = torch.empty(B, T, H, D, device=rhs.device, dtype=torch.float32)
-    _chunk_solve_kernel[(NC, B * H)](
-        rhs, k, rhs, f, f, H0, H0, _omegas(num_iter, ridge_ratio, rhs.device), f, u, u,
+    assert g.is_contiguous() and f.is_contiguous() and g.dtype == torch.float32
+    _chunk_solve_kernel[(B * H, NC)](
+        rhs, k, rhs, g, f, H0, H0, _omegas(num_iter, ridge_ratio, rhs.device), f, u, u,
         T, H, NC, float(ridge_ratio), 1.0, F_MIN,
         *_strides3(rhs), *_strides3(k), *_strides3(rhs), *_strides3(f), *_strides3(f),
         *_strides3(u), *_strides3(u),
-        D=D, DV=D, C=chunk_size, N=num_iter, MODE=_mode(dot, k.dtype),
+        D=D, DV=D, C=chunk_size, N=num_iter, MODE=dot_mode(dot, k.dtype), ACC=acc_precision(k.dtype),
         LOAD_F=True, READOUT=False, STORE_X=True, num_warps=_num_warps(D, chunk_size),
     )
     return u

@@ -1,13 +1,16 @@
 """Inter-chunk state passes (gka_spec.md §4 step A), serial over chunks, parallel over (D-tile, D-tile, b·h).
 
 ``chunk_states`` builds the entry state of every chunk from two token streams a, x:
-    forward:  S_0 = init,  S_{c+1} = last_c·S_c + Σ_{σ∈c} exp(gc_last − gc_σ)·a_σ x_σᵀ   (Gram: a = x = k; KV: a = k, x = v)
-    reverse:  R_{NC-1} = init,  R_{c-1} = last_c·R_c + scale·Σ_{τ∈c} exp(gc_τ)·a_τ x_τᵀ (readout gradient: a = q̃, x = do)
+    forward:  S_0 = init,  S_{c+1} = last_c·S_c + Σ_{σ∈c} exp(gc_last − gc_σ)·a_σ x_σᵀ
+              (Gram: a = x = k; KV state: a = k, x = v)
+    reverse:  R_{NC-1} = init,  R_{c-1} = last_c·R_c + scale·Σ_{τ∈c} exp(gc_τ)·a_τ x_τᵀ
+              (readout gradient: a = q̃, x = do)
 and ``scan_increments`` runs the same recurrence over increments that were computed elsewhere.
 States are fp32; the per-chunk products are exact fp32 dots (they are a small part of the work).
 """
 from __future__ import annotations
 
+import os
 from typing import Optional, Tuple
 
 import torch
@@ -23,11 +26,11 @@ def _chunk_states_kernel(
         s_xb, s_xt, s_xh,
         s_gb, s_gt, s_gh,
         DA: tl.constexpr, DX: tl.constexpr, C: tl.constexpr, BA: tl.constexpr, BX: tl.constexpr,
-        HAS_INIT: tl.constexpr, STORE_FINAL: tl.constexpr, REVERSE: tl.constexpr,
+        HAS_INIT: tl.constexpr, STORE_FINAL: tl.constexpr, REVERSE: tl.constexpr, PREC: tl.constexpr,
 ):
-    ia = tl.program_id(0)
-    ix = tl.program_id(1)
-    bh = tl.program_id(2).to(tl.int64)
+    bh = tl.program_id(0).to(tl.int64)   # b·h on the axis without the 65,535 limit
+    ia = tl.program_id(1)
+    ix = tl.program_id(2)
     b = bh // H
     h = bh % H
     ra = ia * BA + tl.arange(0, BA)
@@ -57,7 +60,7 @@ def _chunk_states_kernel(
             w = tl.exp(glast - gc)
         A = tl.load(a_base + t[:, None] * s_at + ra[None, :], mask=tm[:, None], other=0.0).to(tl.float32)
         X = tl.load(x_base + t[:, None] * s_xt + rx[None, :], mask=tm[:, None], other=0.0).to(tl.float32)
-        inc = tl.dot(tl.trans(A * w[:, None]), X, input_precision='ieee')
+        inc = tl.dot(tl.trans(A * w[:, None]), X, input_precision=PREC)
         tl.store(states_ptr + (bh * NC + c) * DA * DX + tile, cur)
         cur = tl.exp(glast) * cur + inc
     if STORE_FINAL:
@@ -65,16 +68,21 @@ def _chunk_states_kernel(
 
 
 def _tile(d: int) -> int:
-    return min(d, 64)
+    """D-tile of a state program. The pass is serial over chunks, so the tile sets the parallelism: with
+    64-tiles at D = 64 only B·H programs run (96 at the 1024-px vision shape, on 132 SMs), so 32-tiles (4× the
+    programs; measured on the H200 with the rest of v2 in benchmarks/KERNEL_NOTES.md). One long sequence (B·H = 6)
+    would want 16-tiles: ``GKA_TRITON_STATE_TILE=16`` (checked under the interpreter, not yet timed on the GPU)."""
+    return min(d, int(os.environ.get('GKA_TRITON_STATE_TILE', '32')))
 
 
 def chunk_states(a: torch.Tensor, x: torch.Tensor, g: torch.Tensor, init: Optional[torch.Tensor], chunk_size: int,
-                 reverse: bool = False, scale: float = 1.0, want_final: bool = True,
+                 reverse: bool = False, scale: float = 1.0, want_final: bool = True, prec: str = 'ieee',
                  ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """a [B, T, H, DA], x [B, T, H, DX] (unit stride on the last dim), g [B, T, H] log-decays.
 
     Returns the per-chunk states [B·H, NC, DA, DX] fp32 (entry states forward, exit states in reverse) and the
-    state after the whole pass (the final state forward, the gradient w.r.t. the initial state in reverse)."""
+    state after the whole pass (the final state forward, the gradient w.r.t. the initial state in reverse).
+    ``prec``: operand precision of the per-chunk dot ('ieee' exact fp32, 'tf32x3' fp32-like on tensor cores)."""
     B, T, H, DA = a.shape
     DX = x.shape[-1]
     NC = triton.cdiv(T, chunk_size)
@@ -83,7 +91,7 @@ def chunk_states(a: torch.Tensor, x: torch.Tensor, g: torch.Tensor, init: Option
     if init is not None:
         init = init.to(torch.float32).reshape(B * H, DA, DX).contiguous()
     BA, BX = _tile(DA), _tile(DX)
-    grid = (DA // BA, DX // BX, B * H)
+    grid = (B * H, DA // BA, DX // BX)
     _chunk_states_kernel[grid](
         a, x, g, init if init is not None else states, states, final,
         T, H, NC, float(scale),
@@ -91,7 +99,7 @@ def chunk_states(a: torch.Tensor, x: torch.Tensor, g: torch.Tensor, init: Option
         x.stride(0), x.stride(1), x.stride(2),
         g.stride(0), g.stride(1), g.stride(2),
         DA=DA, DX=DX, C=chunk_size, BA=BA, BX=BX,
-        HAS_INIT=init is not None, STORE_FINAL=want_final, REVERSE=reverse,
+        HAS_INIT=init is not None, STORE_FINAL=want_final, REVERSE=reverse, PREC=prec,
         num_warps=4,
     )
     return states, (final if want_final else None)
@@ -102,8 +110,8 @@ def _scan_increments_kernel(
         inc_ptr, last_ptr, init_ptr, out_ptr, final_ptr, NC,
         SIZE: tl.constexpr, BLOCK: tl.constexpr, HAS_INIT: tl.constexpr, REVERSE: tl.constexpr,
 ):
-    blk = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
+    bh = tl.program_id(0).to(tl.int64)
+    blk = tl.program_id(1)
     offs = blk * BLOCK + tl.arange(0, BLOCK)
     if HAS_INIT:
         cur = tl.load(init_ptr + bh * SIZE + offs).to(tl.float32)
@@ -131,7 +139,7 @@ def scan_increments(inc: torch.Tensor, last: torch.Tensor, init: Optional[torch.
     if init is not None:
         init = init.to(torch.float32).reshape(BH, D1, D2).contiguous()
     block = min(size, 1024)
-    _scan_increments_kernel[(size // block, BH)](
+    _scan_increments_kernel[(BH, size // block)](
         inc, last.contiguous(), init if init is not None else inc, out, final, NC,
         SIZE=size, BLOCK=block, HAS_INIT=init is not None, REVERSE=reverse, num_warps=4)
     return out, final

@@ -1,0 +1,213 @@
+"""Speed of gka_chunk (Triton backend) beside PyTorch SDPA and, when installed, fla's chunk_simple_gla.
+
+Times fwd and fwd+bwd at the PERF_TARGETS.md shapes and over a T sweep (D = 64 and 128), bf16, 30 iterations,
+median of triton.testing.do_bench. Writes kernels.json, kernels.md and kernels.png into --out.
+
+    python benchmarks/kernels.py --out /tmp/bench            # everything
+    python benchmarks/kernels.py --quick                       # the target shapes only
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import Callable, Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+
+# Target ratios (PERF_TARGETS.md): gka fwd+bwd / SDPA fwd+bwd, or an absolute fwd time for the D128 shape.
+TARGETS = {
+    'B256 T196 H6 D64': ('fwd+bwd / sdpa fwd+bwd', 3.9),
+    'B256 T256 H6 D64': ('fwd+bwd / sdpa fwd+bwd', 3.9),
+    'B16 T4096 H6 D64': ('fwd+bwd / sdpa fwd+bwd', 0.69),
+    'B16 T16384 H6 D64': ('fwd+bwd / sdpa fwd+bwd', 0.17),
+    'B4 T4096 H16 D128': ('fwd ms', 1.7),
+}
+TARGET_SHAPES = [(256, 196, 6, 64), (256, 256, 6, 64), (16, 4096, 6, 64), (16, 16384, 6, 64), (4, 4096, 16, 128)]
+
+
+def shape_name(B, T, H, D):
+    return f'B{B} T{T} H{H} D{D}'
+
+
+def _bench(fn: Callable[[], object]) -> float:
+    import triton.testing
+    return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode='median'))
+
+
+def gka_inputs(B, T, H, D, dtype=torch.bfloat16, requires_grad=False, device='cuda'):
+    q = F.normalize(torch.randn(B, T, H, D, device=device), dim=-1)
+    beta = torch.rand(B, T, H, 1, device=device) * 0.9 + 0.1
+    k = F.normalize(torch.randn(B, T, H, D, device=device), dim=-1) * beta
+    v = torch.randn(B, T, H, D, device=device) * beta
+    g = -torch.rand(B, T, H, device=device) * 0.3
+    a = torch.rand(B, T, H, device=device)
+    out = [q.to(dtype), k.to(dtype), v.to(dtype), g, a.to(dtype)]
+    return [t.requires_grad_(requires_grad) for t in out]
+
+
+def time_gka(B, T, H, D, mode: str, num_iter=30, chunk_size: Optional[int] = None) -> float:
+    from gka_kernels import gka_chunk
+    ins = gka_inputs(B, T, H, D, requires_grad=mode == 'fwdbwd')
+    kw = dict(num_iter=num_iter, chunk_size=chunk_size, backend='triton')
+    if mode == 'fwd':
+        with torch.no_grad():
+            return _bench(lambda: gka_chunk(*ins, **kw))
+    do = torch.randn(B, T, H, D, device='cuda', dtype=torch.bfloat16)
+
+    def step():
+        for t in ins:
+            t.grad = None
+        gka_chunk(*ins, **kw).backward(do)
+    return _bench(step)
+
+
+def time_sdpa(B, T, H, D, mode: str) -> float:
+    q, k, v = (torch.randn(B, H, T, D, device='cuda', dtype=torch.bfloat16, requires_grad=mode == 'fwdbwd')
+               for _ in range(3))
+    if mode == 'fwd':
+        with torch.no_grad():
+            return _bench(lambda: F.scaled_dot_product_attention(q, k, v))
+    do = torch.randn_like(q)
+
+    def step():
+        for t in (q, k, v):
+            t.grad = None
+        F.scaled_dot_product_attention(q, k, v).backward(do)
+    return _bench(step)
+
+
+def time_fla(B, T, H, D, mode: str) -> Optional[float]:
+    try:
+        from fla.ops.simple_gla import chunk_simple_gla
+    except Exception:
+        return None
+    q, k, v = (torch.randn(B, T, H, D, device='cuda', dtype=torch.bfloat16, requires_grad=mode == 'fwdbwd')
+               for _ in range(3))
+    g = (-torch.rand(B, T, H, device='cuda') * 0.3).requires_grad_(mode == 'fwdbwd')
+    try:
+        if mode == 'fwd':
+            with torch.no_grad():
+                return _bench(lambda: chunk_simple_gla(q, k, v, g))
+        do = torch.randn_like(v)
+
+        def step():
+            for t in (q, k, v, g):
+                t.grad = None
+            chunk_simple_gla(q, k, v, g)[0].backward(do)
+        return _bench(step)
+    except Exception as e:  # fla refuses some backward kernels on Triton 3.4-3.7 / Hopper
+        print(f'fla {mode} failed: {type(e).__name__}: {e}', file=sys.stderr)
+        return None
+
+
+def measure(shapes, modes=('fwd', 'fwdbwd'), skip_fwdbwd_d128=False) -> List[Dict]:
+    rows = []
+    for (B, T, H, D) in shapes:
+        row = dict(shape=shape_name(B, T, H, D), B=B, T=T, H=H, D=D)
+        for mode in modes:
+            for name, fn in (('gka', time_gka), ('sdpa', time_sdpa), ('fla_simple_gla', time_fla)):
+                try:
+                    row[f'{name}_{mode}_ms'] = fn(B, T, H, D, mode)
+                except torch.cuda.OutOfMemoryError:
+                    row[f'{name}_{mode}_ms'] = None
+                torch.cuda.empty_cache()
+        if row.get('gka_fwdbwd_ms') and row.get('sdpa_fwdbwd_ms'):
+            row['ratio_fwdbwd'] = row['gka_fwdbwd_ms'] / row['sdpa_fwdbwd_ms']
+        if row.get('gka_fwd_ms') and row.get('sdpa_fwd_ms'):
+            row['ratio_fwd'] = row['gka_fwd_ms'] / row['sdpa_fwd_ms']
+        tgt = TARGETS.get(row['shape'])
+        if tgt:
+            what, bound = tgt
+            val = row.get('gka_fwd_ms') if what == 'fwd ms' else row.get('ratio_fwdbwd')
+            row['target'] = f'{what} <= {bound}'
+            row['target_met'] = None if val is None else bool(val <= bound)
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    return rows
+
+
+def _fmt(x, nd=3):
+    return '-' if x is None else (f'{x:.{nd}f}' if isinstance(x, float) else str(x))
+
+
+def markdown(rows: List[Dict]) -> str:
+    head = ('| shape | gka fwd ms | gka fwd+bwd ms | SDPA fwd ms | SDPA fwd+bwd ms | fla GLA fwd ms | '
+            'fwd ratio | fwd+bwd ratio | target | met |')
+    lines = [head, '|' + '---|' * 10]
+    for r in rows:
+        lines.append('| ' + ' | '.join([
+            r['shape'], _fmt(r.get('gka_fwd_ms')), _fmt(r.get('gka_fwdbwd_ms')), _fmt(r.get('sdpa_fwd_ms')),
+            _fmt(r.get('sdpa_fwdbwd_ms')), _fmt(r.get('fla_simple_gla_fwd_ms')), _fmt(r.get('ratio_fwd'), 2),
+            _fmt(r.get('ratio_fwdbwd'), 2), r.get('target', ''),
+            {True: 'yes', False: 'no', None: ''}[r.get('target_met')]]) + ' |')
+    return '\n'.join(lines)
+
+
+def plot(rows: List[Dict], path: str):
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, D in zip(axes, (64, 128)):
+        sweep = sorted((r for r in rows if r.get('sweep') and r['D'] == D), key=lambda r: r['T'])
+        if not sweep:
+            continue
+        Ts = [r['T'] for r in sweep]
+        for key, label, style in (('gka_fwd_ms', 'GKA fwd', 'o-'), ('gka_fwdbwd_ms', 'GKA fwd+bwd', 's-'),
+                                  ('sdpa_fwd_ms', 'SDPA fwd', 'o--'), ('sdpa_fwdbwd_ms', 'SDPA fwd+bwd', 's--'),
+                                  ('fla_simple_gla_fwd_ms', 'fla simple GLA fwd', '^:')):
+            pts = [(t, r.get(key)) for t, r in zip(Ts, sweep) if r.get(key)]
+            if pts:
+                ax.plot(*zip(*pts), style, label=label)
+        ax.set_xscale('log', base=2)
+        ax.set_yscale('log')
+        ax.set_xlabel('T (tokens per sequence; B·T fixed)')
+        ax.set_ylabel('ms')
+        ax.set_title(f'D = {D}, H = {sweep[0]["H"]}, B·T = {sweep[0]["B"] * sweep[0]["T"]}, bf16, 30 iter')
+        ax.grid(True, which='both', alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def sweep_shapes(tokens=65536):
+    out = []
+    for D, H in ((64, 6), (128, 4)):
+        T = 256
+        while T <= 65536:
+            out.append((max(1, tokens // T), T, H, D))
+            T *= 4
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    ap.add_argument('--out', default=os.environ.get('OUT', 'bench_out'))
+    ap.add_argument('--quick', action='store_true', help='target shapes only, no sweep')
+    args = ap.parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    t0 = time.time()
+    rows = measure(TARGET_SHAPES)
+    if not args.quick:
+        for r in measure(sweep_shapes()):
+            r['sweep'] = True
+            rows.append(r)
+    info = dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
+                triton=__import__('triton').__version__, seconds=round(time.time() - t0, 1))
+    with open(os.path.join(args.out, 'kernels.json'), 'w') as fh:
+        json.dump(dict(info=info, rows=rows), fh, indent=1)
+    md = markdown(rows)
+    with open(os.path.join(args.out, 'kernels.md'), 'w') as fh:
+        fh.write(f'{info}\n\n{md}\n')
+    if not args.quick:
+        plot(rows, os.path.join(args.out, 'kernels.png'))
+    print(md)
+    return rows
+
+
+if __name__ == '__main__':
+    main()

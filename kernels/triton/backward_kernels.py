@@ -1,0 +1,125 @@
+"""Triton kernels of the backward pass (gka_spec.md §5.2-5.3), one program per (chunk, b·h).
+
+``_bwd_chunk_kernel`` does everything that needs only the chunk and its boundary states: the readout gradient
+(∂q̃, ∂k, ∂v and ∂Γ of o = s·U_τᵀq̃), the adjoint solve u = A⁻¹(α·∂q̃) on chip, and the chunk-local terms of the
+implicit gradient through the Gram (rank-1 terms, λ-path, ⟨Ḡ, H⟩) plus the chunk's own increment of the gradient
+w.r.t. its entry Gram. ``_bwd_inter_kernel`` adds the part carried in from later chunks once the reverse scan of
+those increments is known. All [B, T, H, ·] tensors are contiguous.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .solve import _cheb_solve
+
+
+@triton.jit
+def _bwd_chunk_kernel(
+        q_ptr, k_ptr, v_ptr, g_ptr, al_ptr, x_ptr, f_ptr, do_ptr, h0_ptr, u0_ptr, ru_ptr, om_ptr,
+        dq_ptr, dk_ptr, dv_ptr, dgam_ptr, dal_ptr, inc_ptr,
+        T, H, NC, r, scale, f_min,
+        D: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, N: tl.constexpr, MODE: tl.constexpr,
+        ACC: tl.constexpr,
+):
+    bh = tl.program_id(0).to(tl.int64)   # b·h on the axis without the 65,535 limit
+    ic = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    rc = tl.arange(0, C)
+    rd = tl.arange(0, D)
+    rv = tl.arange(0, DV)
+    t = ic * C + rc
+    tm = t < T
+    row = (b * T + t) * H + h                    # index of (b, t, h) in [B, T, H]
+    pk = row[:, None] * D + rd[None, :]          # [C, D] tile offsets
+    pv = row[:, None] * DV + rv[None, :]         # [C, DV] tile offsets
+    m2 = tm[:, None]
+
+    gl = tl.load(g_ptr + row, mask=tm, other=0.0)
+    gc = tl.cumsum(gl, 0)
+    glast = tl.sum(gl, 0)
+    e = tl.exp(gc)
+    bdec = tl.exp(glast - gc)
+    causal = rc[:, None] >= rc[None, :]
+    M = tl.where(causal, tl.exp(tl.where(causal, gc[:, None] - gc[None, :], 0.0)), 0.0)
+
+    K = tl.load(k_ptr + pk, mask=m2, other=0.0).to(tl.float32)
+    Kt = tl.trans(K)
+    V = tl.load(v_ptr + pv, mask=m2, other=0.0).to(tl.float32)
+    dO = tl.load(do_ptr + pv, mask=m2, other=0.0).to(tl.float32)
+    A = tl.dot(dO, tl.trans(V), input_precision=ACC) * M          # A[τ,σ] = M[τ,σ] (do_τ·v_σ)
+    U0 = tl.load(u0_ptr + (bh * NC + ic) * D * DV + rd[:, None] * DV + rv[None, :])
+    dqt = scale * (e[:, None] * tl.dot(dO, tl.trans(U0), input_precision=ACC)
+                   + tl.dot(A, K, input_precision=ACC))
+    Q = tl.load(q_ptr + pk, mask=m2, other=0.0).to(tl.float32)
+    if N > 0:
+        X = tl.load(x_ptr + pk, mask=m2, other=0.0)
+        al = tl.load(al_ptr + row, mask=tm, other=0.0).to(tl.float32)
+        Qt = Q + al[:, None] * (X - Q)
+        tl.store(dal_ptr + row, tl.sum(dqt * (X - Q), 1), mask=tm)
+    else:
+        Qt = Q
+    RU = tl.load(ru_ptr + (bh * NC + ic) * D * DV + rd[:, None] * DV + rv[None, :])
+    dk = scale * tl.dot(tl.trans(A), Qt, input_precision=ACC) \
+        + bdec[:, None] * tl.dot(V, tl.trans(RU), input_precision=ACC)
+    Bm = tl.dot(Qt, Kt, input_precision=ACC) * M                 # B[τ,σ] = M[τ,σ] (q̃_τ·k_σ)
+    dv = scale * tl.dot(tl.trans(Bm), dO, input_precision=ACC) + bdec[:, None] * tl.dot(K, RU, input_precision=ACC)
+    tl.store(dv_ptr + pv, dv.to(dv_ptr.dtype.element_ty), mask=m2)
+    dgam = tl.sum(Qt * dqt, 1) - tl.sum(K * dk, 1)
+
+    if N > 0:
+        H0 = tl.load(h0_ptr + (bh * NC + ic) * D * D + rd[:, None] * D + rd[None, :])
+        f = tl.maximum(tl.load(f_ptr + row, mask=tm, other=f_min), f_min)
+        Ua = _cheb_solve(al[:, None] * dqt, K, Kt, H0, M, e, f, r, om_ptr, C, D, N, MODE)
+        tl.store(dq_ptr + pk, ((1.0 - al[:, None]) * dqt + Ua).to(dq_ptr.dtype.element_ty), mask=m2)
+        # Gram part of the implicit gradient: Ḡ_τ = −u_τx_τᵀ − c_τH_τ, c_τ = r(u_τ·x_τ)/f_τ (λ-path)
+        c = tl.where(f > f_min, r * tl.sum(Ua * X, 1) / f, 0.0)
+        XK = tl.dot(X, Kt, input_precision=ACC) * M
+        UK = tl.dot(Ua, Kt, input_precision=ACC) * M
+        rank1 = tl.dot(tl.trans(XK), Ua, input_precision=ACC) + tl.dot(tl.trans(UK), X, input_precision=ACC)
+        ce = c * e
+        W1 = tl.sum(M * ce[:, None], 0)                          # W1[σ] = Σ_τ M[τ,σ] c_τ e_τ
+        W2 = tl.dot(tl.trans(M), c[:, None] * M, input_precision=ACC)
+        KK = tl.dot(K, Kt, input_precision=ACC)
+        lam_path = 2.0 * (W1[:, None] * tl.dot(K, H0, input_precision=ACC)
+                          + tl.dot(W2 * KK, K, input_precision=ACC))
+        dk_i = -(rank1 + lam_path)
+        HX = e[:, None] * tl.dot(X, H0, input_precision=ACC) + tl.dot(XK, K, input_precision=ACC)
+        dgam = dgam - tl.sum(Ua * HX, 1) - c * f * f - 0.5 * tl.sum(K * dk_i, 1)
+        dk = dk + dk_i
+        inc = -tl.dot(tl.trans(e[:, None] * Ua), X, input_precision=ACC) - tl.sum(ce * e, 0) * H0 \
+            - tl.dot(tl.trans(W1[:, None] * K), K, input_precision=ACC)
+        tl.store(inc_ptr + (bh * NC + ic) * D * D + rd[:, None] * D + rd[None, :], inc)
+    else:
+        tl.store(dq_ptr + pk, dqt.to(dq_ptr.dtype.element_ty), mask=m2)
+    tl.store(dk_ptr + pk, dk, mask=m2)
+    tl.store(dgam_ptr + row, dgam, mask=tm)
+
+
+@triton.jit
+def _bwd_inter_kernel(
+        k_ptr, g_ptr, rh_ptr, dk_ptr, dgam_ptr, T, H, NC,
+        D: tl.constexpr, C: tl.constexpr, ACC: tl.constexpr,
+):
+    """dk_σ += b_σ (R + Rᵀ) k_σ with R the gradient w.r.t. the chunk's exit Gram, and the matching −½ k·dk in
+    the ∂Γ of the same token."""
+    bh = tl.program_id(0).to(tl.int64)   # b·h on the axis without the 65,535 limit
+    ic = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    rc = tl.arange(0, C)
+    rd = tl.arange(0, D)
+    t = ic * C + rc
+    tm = t < T
+    row = (b * T + t) * H + h
+    pk = row[:, None] * D + rd[None, :]
+    gl = tl.load(g_ptr + row, mask=tm, other=0.0)
+    bdec = tl.exp(tl.sum(gl, 0) - tl.cumsum(gl, 0))
+    K = tl.load(k_ptr + pk, mask=tm[:, None], other=0.0).to(tl.float32)
+    R = tl.load(rh_ptr + (bh * NC + ic) * D * D + rd[:, None] * D + rd[None, :])
+    inter = bdec[:, None] * (tl.dot(K, R, input_precision=ACC) + tl.dot(K, tl.trans(R), input_precision=ACC))
+    dk = tl.load(dk_ptr + pk, mask=tm[:, None], other=0.0)
+    tl.store(dk_ptr + pk, dk + inter, mask=tm[:, None])
+    dg = tl.load(dgam_ptr + row, mask=tm, other=0.0)
+    tl.store(dgam_ptr + row, dg - 0.5 * tl.sum(K * inter, 1), mask=tm)

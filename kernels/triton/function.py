@@ -1,0 +1,72 @@
+"""The autograd.Function of the Triton backend and its public wrapper ``gka_chunk_triton``."""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from .backward import chunk_backward
+from .config import check_triton_inputs, pick_chunk_size, solve_dot_mode
+from .solve import acc_precision, chunk_forward
+from .state_pass import chunk_states
+
+State = Tuple[torch.Tensor, torch.Tensor]
+
+
+def _unit_last(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+class GKATritonFunction(torch.autograd.Function):
+
+    @staticmethod
+    def forward(ctx, q, k, v, g, alpha, h0, u0, num_iter, ridge_ratio, scale, chunk_size, dot):
+        q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
+        g = g.to(torch.float32).contiguous()
+        prec = acc_precision(q.dtype)
+        H0s, HT = chunk_states(k, k, g, h0, chunk_size, prec=prec)
+        U0s, UT = chunk_states(k, v, g, u0, chunk_size, prec=prec)
+        o, x, f = chunk_forward(q, k, v, g, alpha, H0s, U0s, num_iter, ridge_ratio, scale, chunk_size, dot)
+        ctx.save_for_backward(q, k, v, g, alpha, h0, u0, x, f)
+        ctx.cfg = (num_iter, ridge_ratio, scale, chunk_size, dot)
+        ctx.set_materialize_grads(False)
+        B, _, H, D = q.shape
+        return o, HT.view(B, H, D, D), UT.view(B, H, D, v.shape[-1])
+
+    @staticmethod
+    def backward(ctx, do, dHT, dUT):
+        q, k, v, g, alpha, h0, u0, x, f = ctx.saved_tensors
+        num_iter, r, scale, chunk_size, dot = ctx.cfg
+        do = _unit_last(do) if do is not None else None
+        dq, dk, dv, dg, dalpha, dh0, du0 = chunk_backward(q, k, v, g, alpha, h0, u0, x, f, do, dHT, dUT, num_iter,
+                                                          r, scale, chunk_size, dot)
+        need = ctx.needs_input_grad
+        dq, dk, dv, dalpha = (gr.to(t.dtype) for gr, t in ((dq, q), (dk, k), (dv, v), (dalpha, alpha)))
+        dh0 = dh0.to(h0.dtype) if h0 is not None and dh0 is not None and need[5] else None
+        du0 = du0.to(u0.dtype) if u0 is not None and need[6] else None
+        return dq, dk, dv, dg, dalpha, dh0, du0, None, None, None, None, None
+
+
+def gka_chunk_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, alpha: torch.Tensor, *,
+                     num_iter: int = 30, ridge_ratio: float = 0.02, scale: Optional[float] = None,
+                     chunk_size: Optional[int] = None, initial_state: Optional[State] = None,
+                     output_final_state: bool = False) -> Tuple[torch.Tensor, Optional[State]]:
+    """Triton GKA over whole sequences (inputs as for ``gka_kernels.gka_chunk``, already validated there).
+
+    Returns o [B, T, H, Dv] in q's dtype and, with ``output_final_state``, the fp32 final (h_kk, h_kv)."""
+    check_triton_inputs(q, v, chunk_size)
+    B, T, H, D = q.shape
+    DV = v.shape[-1]
+    scale = D ** -0.5 if scale is None else float(scale)
+    h0, u0 = initial_state if initial_state is not None else (None, None)
+    if T == 0:
+        o = q.new_zeros(B, 0, H, DV)
+        if not output_final_state:
+            return o, None
+        zk = q.new_zeros(B, H, D, D, dtype=torch.float32) if h0 is None else h0.to(torch.float32)
+        zv = q.new_zeros(B, H, D, DV, dtype=torch.float32) if u0 is None else u0.to(torch.float32)
+        return o, (zk, zv)
+    C = pick_chunk_size(chunk_size, D)
+    o, hT, uT = GKATritonFunction.apply(q, k, v, g, alpha, h0, u0, int(num_iter), float(ridge_ratio), scale, C,
+                                        solve_dot_mode(q.dtype))
+    return o, ((hT, uT) if output_final_state else None)

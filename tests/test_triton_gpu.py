@@ -1,0 +1,160 @@
+"""Triton backend on the GPU against the float64 oracles (gka_naive forward, gka_naive_implicit_grads backward).
+
+Measured on the H200 (Triton 3.6), N = 30: bf16 output 1.7e-3 and gradients 1.5e-3 to 2.4e-3 relative RMSE (the
+bf16 rounding of the stored tensors), final states 2e-7; fp32 output ≤ 3e-6, gradients ≤ 4e-6 (dg ≤ 4e-5).
+
+Run on the GPU machine: `pytest -m gpu tests/test_triton_gpu.py` (benchmarks/gpu_kernels_check.py does it too).
+Inputs in the tested dtype are upcast to float64 for the oracle, so the figures measure the kernels' arithmetic
+and the final rounding, not the input quantisation. Bounds (relative RMSE) are stated per tensor below.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+
+import pytest
+import torch
+
+from gka_inputs import make_inputs, rel_rmse
+
+import gka_kernels as gk
+from gka_kernels.reference import gka_naive, gka_naive_implicit_grads
+
+pytestmark = pytest.mark.gpu
+DEV = 'cuda'
+
+# bf16: the output is stored in bf16 (rounding alone is ~1e-3 relative RMSE); fp32: fp32 arithmetic throughout.
+BOUNDS = {
+    torch.bfloat16: dict(o=2e-3, q=6e-3, k=6e-3, v=6e-3, g=1e-2, alpha=6e-3, h_kk=1e-4, h_kv=1e-4),
+    torch.float32: dict(o=1e-5, q=1e-5, k=1e-5, v=1e-5, g=1e-4, alpha=1e-5, h_kk=1e-6, h_kv=1e-6),
+}
+
+
+@functools.lru_cache(maxsize=4)
+def _oracle(B, T, H, D, N, init):
+    """bf16-representable inputs (so one float64 oracle serves the bf16 and the fp32 run), a random upstream
+    gradient, and the float64 output, final state and implicit gradients. Cached per shape: the token-by-token
+    oracle is the slow part of these tests."""
+    ins = make_inputs(B, T, H, D, torch.bfloat16, device=DEV)
+    st = None
+    if init:
+        h = torch.randn(B, H, D, D, device=DEV, dtype=torch.float64)
+        st = ((h @ h.transpose(-1, -2) / D).float(), (torch.randn(B, H, D, D, device=DEV) * 0.3))
+    do = torch.randn(B, T, H, D, device=DEV, dtype=torch.float64)
+    x64 = [t.double() for t in ins]
+    st64 = tuple(s.double() for s in st) if st is not None else None
+    ref, (rh, ru) = gka_naive(*x64, num_iter=N, initial_state=st64, output_final_state=True)
+    if T <= 1024:
+        grads = gka_naive_implicit_grads(*x64, do, num_iter=N, initial_state=st64)
+    else:
+        # Long sequences: the float64 torch backend (chunked, implicit gradient; it matches gka_naive_implicit_grads
+        # to ~1e-15 in tests/test_kernels_backward.py) keeps the token-by-token loop off the device-time budget.
+        x64 = [t.requires_grad_() for t in x64]
+        o64 = gk.gka_chunk(*x64, num_iter=N, initial_state=st64, backend='torch')
+        (o64 * do).sum().backward()
+        grads = dict(zip(('q', 'k', 'v', 'g', 'alpha'), (t.grad for t in x64)))
+    ref = dict(o=ref, h_kk=rh, h_kv=ru)
+    ref.update((name, grads[name]) for name in ('q', 'k', 'v', 'g', 'alpha'))
+    return ins, st, do, ref
+
+
+def _errors(B, T, H, D, dtype, N=30, init=False):
+    """Forward, final state and all gradients of the Triton backend vs the float64 oracles."""
+    ins, st, do, ref = _oracle(B, T, H, D, N, init)
+    q, k, v, g, a = (t.detach().to(dtype if i != 3 else torch.float32).requires_grad_() for i, t in enumerate(ins))
+    o, (hT, uT) = gk.gka_chunk(q, k, v, g, a, num_iter=N, initial_state=st, output_final_state=True,
+                               backend='triton')
+    assert o.dtype == dtype
+    (o.double() * do).sum().backward()
+    err = dict(o=rel_rmse(o, ref['o']), h_kk=rel_rmse(hT, ref['h_kk']), h_kv=rel_rmse(uT, ref['h_kv']))
+    for name, t in zip(('q', 'k', 'v', 'g', 'alpha'), (q, k, v, g, a)):
+        assert torch.isfinite(t.grad).all(), name
+        err[name] = rel_rmse(t.grad, ref[name])
+    return err
+
+
+@pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float32], ids=['bf16', 'fp32'])
+@pytest.mark.parametrize('shape', [(4, 196, 6, 64), (1, 2048, 4, 128), (2, 300, 3, 32)], ids=['vision', 'lm', 'd32'])
+def test_forward_and_gradients_vs_float64_oracle(shape, dtype):
+    err = _errors(*shape, dtype)
+    print('ERR ' + json.dumps(dict(case=f'{shape} {str(dtype)[6:]}', err=err)))   # figures for the GPU report
+    bounds = BOUNDS[dtype]
+    bad = {k: f'{v:.2e} > {bounds[k]:.0e}' for k, v in err.items() if not v <= bounds[k]}
+    assert not bad, f'{shape} {dtype}: {bad}; all: {err}'
+
+
+def test_initial_state_and_ragged_tail_bf16():
+    err = _errors(3, 77, 2, 64, torch.bfloat16, N=20, init=True)
+    print('ERR ' + json.dumps(dict(case='(3, 77, 2, 64) bf16 N=20 init', err=err)))
+    bounds = BOUNDS[torch.bfloat16]
+    assert all(v <= bounds[k] for k, v in err.items()), err
+
+
+@pytest.mark.parametrize('D', [64, 128])
+def test_backward_paths_agree_bf16(D):
+    """The fused backward kernels and the hybrid path (Triton solve + torch per-chunk algebra) against the float64
+    torch backend: each default path is the other's cross-check on this Triton version."""
+    B, T, H = 2, 300, 2
+    ins = make_inputs(B, T, H, D, torch.bfloat16, device=DEV)
+    do = torch.randn(B, T, H, D, device=DEV, dtype=torch.float64)
+    x64 = [t.double().requires_grad_() for t in ins]
+    (gk.gka_chunk(*x64, backend='torch') * do).sum().backward()
+    for mode in ('fused', 'hybrid'):
+        os.environ['GKA_TRITON_BWD'] = mode
+        try:
+            xs = [t.detach().requires_grad_() for t in ins]
+            (gk.gka_chunk(*xs, backend='triton').double() * do).sum().backward()
+        finally:
+            del os.environ['GKA_TRITON_BWD']
+        for name, a, b in zip(('q', 'k', 'v', 'g', 'alpha'), xs, x64):
+            err = rel_rmse(a.grad, b.grad)
+            assert err < BOUNDS[torch.bfloat16][name], (mode, name, err)
+
+
+def test_num_iter_zero_fp32():
+    err = _errors(2, 100, 2, 64, torch.float32, N=0)
+    for name in ('o', 'q', 'k', 'v', 'g', 'h_kk', 'h_kv'):
+        assert err[name] < 1e-5, (name, err)
+
+
+@pytest.mark.parametrize('D', [64, 128])
+def test_decode_continues_chunk(D):
+    B, T, H, P = 2, 140, 3, 100
+    q, k, v, g, a = make_inputs(B, T, H, D, torch.float32, device=DEV)
+    full = gk.gka_chunk(q, k, v, g, a, backend='triton')
+    _, st = gk.gka_chunk(q[:, :P], k[:, :P], v[:, :P], g[:, :P], a[:, :P], output_final_state=True, backend='triton')
+    outs = []
+    for t in range(P, T):
+        o, st = gk.gka_step(q[:, t], k[:, t], v[:, t], g[:, t], a[:, t], st, backend='triton')
+        outs.append(o)
+    assert rel_rmse(torch.stack(outs, 1), full[:, P:]) < 1e-5
+    _, st_full = gk.gka_chunk(q, k, v, g, a, output_final_state=True, backend='triton')
+    assert rel_rmse(st[0], st_full[0]) < 1e-5 and rel_rmse(st[1], st_full[1]) < 1e-5
+
+
+def test_decode_bf16_vs_oracle():
+    B, H, D = 8, 4, 128
+    q, k, v, g, a = make_inputs(B, 5, H, D, torch.bfloat16, device=DEV)
+    ref, st = gka_naive(*(t[:, :4].double() for t in (q, k, v, g, a)), output_final_state=True)
+    o, _ = gk.gka_step(q[:, 4], k[:, 4], v[:, 4], g[:, 4], a[:, 4], tuple(s.float() for s in st), backend='triton')
+    o_ref, _ = gka_naive(*(t.double() for t in (q, k, v, g, a)), output_final_state=True)
+    assert rel_rmse(o, o_ref[:, 4]) < 4e-3
+
+
+def test_long_sequence_bf16_is_finite():
+    """T = 65,536 in bf16, with stretches of no decay (the Gram grows) and of zero keys (the Gram decays to 0)."""
+    B, T, H, D = 1, 65536, 2, 64
+    q, k, v, g, a = make_inputs(B, T, H, D, torch.bfloat16, device=DEV, decay=0.05)
+    g[:, : T // 2, 0] = 0.0
+    k[:, T // 4: T // 4 + 4096] = 0
+    q, k, v, g, a = (t.requires_grad_() for t in (q, k, v, g, a))
+    o, (hT, uT) = gk.gka_chunk(q, k, v, g, a, output_final_state=True, backend='triton')
+    (o.float().square().mean() + hT.sum() * 1e-6).backward()
+    for name, t in (('o', o), ('h_kk', hT), ('h_kv', uT), ('dq', q.grad), ('dk', k.grad), ('dv', v.grad),
+                    ('dg', g.grad), ('dalpha', a.grad)):
+        assert torch.isfinite(t).all(), name
+
+
+def test_default_backend_on_cuda_is_triton():
+    assert gk.resolve_backend(None, torch.device('cuda')) == 'triton'
