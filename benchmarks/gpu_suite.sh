@@ -30,7 +30,7 @@ for s in "${stages[@]}"; do
       run_stage setup 120 bash -c 'python3 -m pip install -q --no-deps --no-build-isolation -e . && \
         python3 -c "import torch, triton, timm, gka_kernels, gka_vision; print(torch.__version__, triton.__version__, \
         timm.__version__, torch.cuda.get_device_name(), gka_kernels.resolve_backend(None, torch.device(\"cuda\")))"' ;;
-    tests)   run_stage tests 300 python3 -m pytest -q -m gpu tests ;;
+    tests)   run_stage tests 420 python3 -m pytest -q -m gpu tests ;;
     kernels) run_stage kernels 240 python3 benchmarks/kernels.py --out "$OUT" ;;
     models)  run_stage models 300 python3 benchmarks/models.py --out "$OUT" ;;
     lm)      run_stage mqar 360 python3 benchmarks/mqar.py --out "$OUT"
