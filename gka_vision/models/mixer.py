@@ -25,6 +25,15 @@ from .scan import DIRECTIONS, scan_index
 __all__ = ['GKAMixer']
 
 
+@torch.compiler.disable
+def _gka_kernel(q, k, v, g, alpha, num_iter: int, ridge_ratio: float, backend: Optional[str]) -> torch.Tensor:
+    # Opaque to torch.compile: dynamo does not trace into the kernel (the Triton backend's launches do not survive
+    # inductor's re-compilation, and unrolling the torch backend's Chebyshev loop takes minutes to compile). The
+    # cost is one graph break per mixer; once gka_kernels registers gka_chunk as a torch.library custom op this
+    # wrapper can go and the whole model compiles as one graph.
+    return gka_chunk(q, k, v, g, alpha, num_iter=num_iter, ridge_ratio=ridge_ratio, backend=backend)
+
+
 @register_notrace_module  # an FX leaf: its shapes drive Python-side index caches and the opaque kernel call
 class GKAMixer(nn.Module):
     """Multi-direction Gated KalmaNet mixer over an NHWC token grid.
@@ -85,7 +94,7 @@ class GKAMixer(nn.Module):
         self.qkv = nn.Linear(dim, 3 * inner, bias=False, **dd)
         self.conv = nn.Conv2d(
             3 * inner, 3 * inner, conv_size, padding=conv_size // 2, groups=3 * inner, bias=False, **dd)
-        # One Linear for every gate of every direction: W_β, W_α and W_a side by side, laid out [direction, gate, head].
+        # One Linear for every gate of every direction (W_β, W_α, W_a side by side), laid out [direction, gate, head].
         self.gate_proj = nn.Linear(dim, n * 3 * H, bias=False, **dd)
         # Biases of β and α ([direction, {β, α}, head]); the forget gate's bias is dt_bias (spec §2 step 7).
         self.gate_bias = nn.Parameter(torch.empty(n, 2, H, **dd))
@@ -147,8 +156,7 @@ class GKAMixer(nn.Module):
             # value checks and emit its output shape [B·n, L, H, D].
             o = torch.empty_like(v)
         else:
-            o = gka_chunk(q, k, v, g, alpha, num_iter=self.num_iter, ridge_ratio=self.ridge_ratio,
-                          backend=self.backend)
+            o = _gka_kernel(q, k, v, g, alpha, self.num_iter, self.ridge_ratio, self.backend)
 
         o = o.reshape(B, n * L, H * D)
         if not idx.identity:

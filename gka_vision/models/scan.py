@@ -20,7 +20,8 @@ from typing import Dict, NamedTuple, Sequence, Tuple, Union
 import torch
 
 __all__ = [
-    'DIRECTIONS', 'SCAN_ORDERS', 'ScanIndex', 'block_directions', 'direction_order', 'scan_index', 'clear_scan_cache',
+    'DIRECTIONS', 'SCAN_ORDERS', 'ScanIndex', 'block_directions', 'check_scan', 'direction_order', 'scan_index',
+    'clear_scan_cache',
 ]
 
 # The four directions of a 2-D grid; `cross` uses all of them, `alt` cycles through them block by block.
@@ -112,12 +113,19 @@ def scan_index(directions: Sequence[str], height: int, width: int, device: Union
     directions = tuple(directions)
     if not directions:
         raise ValueError('directions must name at least one scan direction')
+    if torch.compiler.is_compiling():
+        # Under torch.compile the few index ops become part of the graph (and are constant-folded); no Python-side
+        # cache or lock is touched while tracing.
+        return _build(directions, int(height), int(width), torch.device(device) if device is not None else None)
     device = _canonical_device(device)
     key = (directions, int(height), int(width), device)
     hit = _cache.get(key)
     if hit is not None:
         return hit
-    idx = _build(directions, int(height), int(width), device)
+    # A first call under torch.inference_mode() would otherwise cache inference tensors, which autograd later
+    # refuses to save for backward (indexing saves its index): build cached entries as normal tensors.
+    with torch.inference_mode(False):
+        idx = _build(directions, int(height), int(width), device)
     with _lock:
         if len(_cache) >= _CACHE_LIMIT:
             _cache.pop(next(iter(_cache)))
