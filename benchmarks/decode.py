@@ -32,7 +32,7 @@ from typing import Dict, List, Optional
 
 import torch
 
-from lm_common import AttnLayerCache, build_lm, decode_step, env_info, is_oom, markdown_table, write_outputs
+from lm_common import AttnLayerCache, build_lm, decode_step, env_info, finish, is_oom, markdown_table
 
 from gka_kernels import resolve_backend
 from gka_vision.lm import GKAConfig, GKALayerCache
@@ -297,15 +297,7 @@ def main(argv=None) -> int:
     payload = {'setup': setup, 'args': vars(args), 'params': params, 'env': env_info(device),
                'gka_latency_spread_max_over_min': flat, 'results': results,
                'total_s': round(time.perf_counter() - t_start, 1)}
-    os.makedirs(args.out, exist_ok=True)
-    png = os.path.join(args.out, 'decode.png')
-    note = plot(results, args, png)
-    payload['plot'] = note or png
-    paths = write_outputs(args.out, 'decode', payload, f'{setup}\n\n{table}')
-    print(f'wrote {paths["json"]}, {paths["md"]}, {payload["plot"]}; total {payload["total_s"]} s')
-    print(setup)
-    print(table)
-    return 0
+    return finish(args.out, 'decode', payload, setup, table, lambda png: plot(results, args, png))
 
 
 if __name__ == '__main__':

@@ -207,3 +207,16 @@ def write_outputs(out_dir: str, stem: str, payload: Dict, table: str) -> Dict[st
     with open(paths['md'], 'w') as f:
         f.write(table + '\n')
     return paths
+
+
+def finish(out_dir: str, stem: str, payload: Dict, setup: str, table: str, plot_fn) -> int:
+    """Plot (``plot_fn(png_path)`` returns None or a note on why no plot was made), write the JSON and markdown,
+    and print the table last (the GPU tool returns the tail of the output)."""
+    os.makedirs(out_dir, exist_ok=True)
+    png = os.path.join(out_dir, f'{stem}.png')
+    payload['plot'] = plot_fn(png) or png
+    paths = write_outputs(out_dir, stem, payload, f'{setup}\n\n{table}')
+    print(f'wrote {paths["json"]}, {paths["md"]}, {payload["plot"]}; total {payload.get("total_s")} s')
+    print(setup)
+    print(table)
+    return 0

@@ -93,7 +93,7 @@ def measure(name: str, img_size: int, batch: int, mode: str, device, warmup: int
     except torch.cuda.OutOfMemoryError:
         row['oom'] = True
     finally:
-        del model, x, opt
+        model = x = opt = step = None  # drop the references before freeing the cache
         torch.cuda.empty_cache()
     return row
 

@@ -33,7 +33,7 @@ from typing import Dict, List, Optional
 import torch
 import torch.nn.functional as F
 
-from lm_common import build_lm, env_info, is_oom, markdown_table, write_outputs
+from lm_common import build_lm, env_info, finish, is_oom, markdown_table
 
 from gka_vision.lm import GKAConfig
 from gka_vision.lm.model import IGNORE_INDEX
@@ -307,15 +307,7 @@ def main(argv=None) -> int:
     payload = {'setup': setup, 'args': vars(args), 'steps': steps, 'env': env_info(device),
                'calibration_s_per_step': {f'{n}@{w}': v for (n, w), v in calib.items()}, 'results': results,
                'total_s': round(time.perf_counter() - t_start, 1)}
-    os.makedirs(args.out, exist_ok=True)
-    png = os.path.join(args.out, 'mqar.png')
-    note = plot(results, args, png)
-    payload['plot'] = note or png
-    paths = write_outputs(args.out, 'mqar', payload, f'{setup}\n\n{table}')
-    print(f'wrote {paths["json"]}, {paths["md"]}, {payload["plot"]}; total {payload["total_s"]} s')
-    print(setup)
-    print(table)
-    return 0
+    return finish(args.out, 'mqar', payload, setup, table, lambda png: plot(results, args, png))
 
 
 if __name__ == '__main__':
