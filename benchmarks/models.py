@@ -141,7 +141,8 @@ def profile(name: str, img_size: int, batch: int, device) -> Dict[str, float]:
 def markdown(rows: List[Dict], mode: str) -> str:
     models = list(dict.fromkeys(r['model'] for r in rows if r['mode'] == mode))
     sizes = sorted({r['img_size'] for r in rows if r['mode'] == mode})
-    head = '| model | ' + ' | '.join(f'{s} px img/s (act GiB)' for s in sizes) + ' |'
+    unit = '(ms per batch)' if mode == 'infer-cpu' else '(act GiB)'
+    head = '| model | ' + ' | '.join(f'{s} px img/s {unit}' for s in sizes) + ' |'
     lines = [head, '|' + '---|' * (len(sizes) + 1)]
     for m in models:
         cells = []
