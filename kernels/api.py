@@ -42,6 +42,18 @@ def resolve_backend(backend: Optional[str], device: torch.device) -> str:
     return name
 
 
+def _pick_backend(backend: Optional[str], q: torch.Tensor, v: torch.Tensor) -> str:
+    """resolve_backend, except that the *default* choice of triton falls back to torch for inputs the kernels are
+    not compiled for (fp64, head dims other than 32/64/128); an explicit triton choice raises instead, and so
+    does a chunk size the kernels lack (the caller asked for that tiling)."""
+    name = resolve_backend(backend, q.device)
+    if name == 'triton' and backend is None and not os.environ.get('GKA_BACKEND'):
+        from .triton import supports
+        if not supports(q, v):
+            return 'torch'
+    return name
+
+
 def gka_chunk(
         q: torch.Tensor,
         k: torch.Tensor,
@@ -81,7 +93,7 @@ def gka_chunk(
     """
     check_options(num_iter, ridge_ratio, scale, chunk_size)
     check_chunk_inputs(q, k, v, g, alpha, initial_state)
-    name = resolve_backend(backend, q.device)
+    name = _pick_backend(backend, q, v)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if name == 'naive':
         from .reference import gka_naive
@@ -135,7 +147,7 @@ def gka_step(
         q, k, v, g, alpha = (t[:, 0] for t in (q, k, v, g, alpha))
     check_options(num_iter, ridge_ratio, scale)
     check_step_inputs(q, k, v, g, alpha, state)
-    name = resolve_backend(backend, q.device)
+    name = _pick_backend(backend, q, v)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if name == 'triton':
         from .triton import gka_step_triton

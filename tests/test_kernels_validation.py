@@ -98,3 +98,21 @@ def test_gka_step_rejects_bad_state():
         gka_step(*x, (torch.zeros(1, 2, 4, 4), torch.zeros(1, 2, 8, 8)))
     with pytest.raises(GKAInputError, match='state.h_kv is on meta'):
         gka_step(*x, (torch.zeros(1, 2, 8, 8), torch.zeros(1, 2, 8, 8, device='meta')))
+
+
+def test_default_triton_falls_back_to_torch_for_unsupported_inputs(monkeypatch):
+    """On CUDA the default is triton; inputs its kernels are not compiled for (fp64, head dim 16) go to the torch
+    backend instead of failing, while an explicit backend='triton' still raises."""
+    import gka_kernels.api as api
+    monkeypatch.setattr(api, 'resolve_backend', lambda backend, device: backend or 'triton')
+    monkeypatch.delenv('GKA_BACKEND', raising=False)
+    q64, _, v64, _, _ = make_inputs(1, 5, 2, 64)
+    q16, _, v16, _, _ = make_inputs(1, 5, 2, 16, dtype=torch.float32)
+    q32, _, v32, _, _ = make_inputs(1, 5, 2, 32, dtype=torch.float32)
+    assert api._pick_backend(None, q64, v64) == 'torch'
+    assert api._pick_backend(None, q16, v16) == 'torch'
+    assert api._pick_backend(None, q32, v32) == 'triton'
+    assert api._pick_backend('triton', q16, v16) == 'triton'  # the kernel's own check then raises
+    from gka_kernels.triton.config import check_triton_inputs
+    with pytest.raises(GKAInputError, match='head dims'):
+        check_triton_inputs(q16, v16)

@@ -19,7 +19,8 @@ def _declared_packages():
 def _source_packages():
     """Import names of every folder with an __init__.py under the three top-level package folders."""
     found = set()
-    for folder, name in (('kernels', 'gka_kernels'), ('gka_vision', 'gka_vision'), ('train_imagenet', 'train_imagenet')):
+    folders = (('kernels', 'gka_kernels'), ('gka_vision', 'gka_vision'), ('train_imagenet', 'train_imagenet'))
+    for folder, name in folders:
         for init in (ROOT / folder).rglob('__init__.py'):
             rel = init.parent.relative_to(ROOT / folder)
             found.add('.'.join((name, *rel.parts)))

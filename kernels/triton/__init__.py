@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 
-__all__ = ['is_available', 'gka_chunk_triton', 'gka_step_triton']
+__all__ = ['is_available', 'supports', 'gka_chunk_triton', 'gka_step_triton']
 
 
 def is_available() -> bool:
@@ -22,6 +22,12 @@ def is_available() -> bool:
         return True
     import torch
     return torch.cuda.is_available()
+
+
+def supports(q, v, chunk_size=None) -> bool:
+    """Whether the compiled kernels take these shapes and dtypes (the default backend falls back to torch if not)."""
+    from .config import unsupported_reason
+    return unsupported_reason(q, v, chunk_size) is None
 
 
 def gka_chunk_triton(q, k, v, g, alpha, **kwargs):

@@ -9,29 +9,38 @@ import torch
 from ..chebyshev import F_MIN  # the same floor on ‖H‖_F as every other backend
 from ..validation import GKAInputError
 
-__all__ = ['HEAD_DIMS', 'CHUNK_SIZES', 'check_triton_inputs', 'pick_chunk_size', 'solve_dot_mode', 'F_MIN']
+__all__ = [
+    'HEAD_DIMS', 'CHUNK_SIZES', 'check_triton_inputs', 'unsupported_reason', 'pick_chunk_size', 'solve_dot_mode', 'F_MIN',
+]
 
 HEAD_DIMS = (32, 64, 128)
 CHUNK_SIZES = (16, 32, 64)
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def check_triton_inputs(q: torch.Tensor, v: torch.Tensor, chunk_size: Optional[int] = None):
-    """Head dims, dtypes and chunk sizes that the kernels are compiled for."""
+def unsupported_reason(q: torch.Tensor, v: torch.Tensor, chunk_size: Optional[int] = None) -> Optional[str]:
+    """Why the kernels cannot take these inputs (head dims, dtypes, chunk sizes they are compiled for), or None."""
     if q.shape[-1] not in HEAD_DIMS:
-        raise GKAInputError(f'backend "triton" supports q/k head dims {HEAD_DIMS}, got {q.shape[-1]}; '
-                            'use backend="torch" for other sizes')
+        return (f'backend "triton" supports q/k head dims {HEAD_DIMS}, got {q.shape[-1]}; '
+                'use backend="torch" for other sizes')
     if v.shape[-1] not in HEAD_DIMS:
-        raise GKAInputError(f'backend "triton" supports v head dims {HEAD_DIMS}, got {v.shape[-1]}; '
-                            'use backend="torch" for other sizes')
+        return (f'backend "triton" supports v head dims {HEAD_DIMS}, got {v.shape[-1]}; '
+                'use backend="torch" for other sizes')
     if q.dtype not in _DTYPES:
-        raise GKAInputError(f'backend "triton" takes float16, bfloat16 or float32 q/k/v, got {q.dtype}; '
-                            'use backend="torch" or "naive" for float64')
+        return (f'backend "triton" takes float16, bfloat16 or float32 q/k/v, got {q.dtype}; '
+                'use backend="torch" or "naive" for float64')
     if chunk_size is not None and chunk_size not in CHUNK_SIZES:
-        raise GKAInputError(f'backend "triton" supports chunk_size in {CHUNK_SIZES} (or None), got {chunk_size}')
+        return f'backend "triton" supports chunk_size in {CHUNK_SIZES} (or None), got {chunk_size}'
     if chunk_size == 64 and max(q.shape[-1], v.shape[-1]) == 128:
         # the per-chunk kernel's tiles exceed the H200's shared memory (240 KB needed, 227 KB available)
-        raise GKAInputError('backend "triton" supports chunk_size 16 or 32 (or None) at head dim 128, got 64')
+        return 'backend "triton" supports chunk_size 16 or 32 (or None) at head dim 128, got 64'
+    return None
+
+
+def check_triton_inputs(q: torch.Tensor, v: torch.Tensor, chunk_size: Optional[int] = None):
+    reason = unsupported_reason(q, v, chunk_size)
+    if reason is not None:
+        raise GKAInputError(reason)
 
 
 def pick_chunk_size(chunk_size: Optional[int], head_dim: int) -> int:
