@@ -6,6 +6,7 @@ from typing import Optional, Tuple, Union
 
 import torch
 
+from .precision import autocast_off
 from .validation import GKAInputError, check_chunk_inputs, check_options, check_step_inputs
 
 __all__ = ['gka_chunk', 'gka_step', 'BACKENDS', 'resolve_backend']
@@ -95,20 +96,21 @@ def gka_chunk(
     check_chunk_inputs(q, k, v, g, alpha, initial_state)
     name = _pick_backend(backend, q, v)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    if name == 'naive':
-        from .reference import gka_naive
-        out = gka_naive(q, k, v, g, alpha, num_iter=num_iter, ridge_ratio=ridge_ratio, scale=scale,
-                        initial_state=initial_state, output_final_state=True)
-        o, state = out
-    elif name == 'torch':
-        from .torch_chunk import gka_chunk_torch
-        o, state = gka_chunk_torch(q, k, v, g, alpha, num_iter, ridge_ratio, scale,
-                                   chunk_size or DEFAULT_CHUNK_SIZE, initial_state, output_final_state)
-    else:
-        from .triton import gka_chunk_triton
-        o, state = gka_chunk_triton(q, k, v, g, alpha, num_iter=num_iter, ridge_ratio=ridge_ratio, scale=scale,
-                                    chunk_size=chunk_size, initial_state=initial_state,
-                                    output_final_state=output_final_state)
+    with autocast_off(q.device.type):
+        if name == 'naive':
+            from .reference import gka_naive
+            out = gka_naive(q, k, v, g, alpha, num_iter=num_iter, ridge_ratio=ridge_ratio, scale=scale,
+                            initial_state=initial_state, output_final_state=True)
+            o, state = out
+        elif name == 'torch':
+            from .torch_chunk import gka_chunk_torch
+            o, state = gka_chunk_torch(q, k, v, g, alpha, num_iter, ridge_ratio, scale,
+                                       chunk_size or DEFAULT_CHUNK_SIZE, initial_state, output_final_state)
+        else:
+            from .triton import gka_chunk_triton
+            o, state = gka_chunk_triton(q, k, v, g, alpha, num_iter=num_iter, ridge_ratio=ridge_ratio,
+                                        scale=scale, chunk_size=chunk_size, initial_state=initial_state,
+                                        output_final_state=output_final_state)
     return (o, state) if output_final_state else o
 
 
@@ -149,11 +151,12 @@ def gka_step(
     check_step_inputs(q, k, v, g, alpha, state)
     name = _pick_backend(backend, q, v)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    if name == 'triton':
-        from .triton import gka_step_triton
-        o, state = gka_step_triton(q, k, v, g, alpha, state, num_iter=num_iter, ridge_ratio=ridge_ratio,
-                                   scale=scale)
-    else:
-        from .torch_chunk import gka_step_torch
-        o, state = gka_step_torch(q, k, v, g, alpha, state, num_iter, ridge_ratio, scale)
+    with autocast_off(q.device.type):
+        if name == 'triton':
+            from .triton import gka_step_triton
+            o, state = gka_step_triton(q, k, v, g, alpha, state, num_iter=num_iter, ridge_ratio=ridge_ratio,
+                                       scale=scale)
+        else:
+            from .torch_chunk import gka_step_torch
+            o, state = gka_step_torch(q, k, v, g, alpha, state, num_iter, ridge_ratio, scale)
     return (o[:, None], state) if seq_layout else (o, state)

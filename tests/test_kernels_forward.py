@@ -135,3 +135,20 @@ def test_empty_sequence_passes_the_state_through(backend):
     u0 = torch.randn(1, 2, 8, 8, dtype=torch.float64)
     o, (h, u) = gka_chunk(*x, initial_state=(h0, u0), output_final_state=True, backend=backend)
     assert o.shape == (1, 0, 2, 8) and torch.equal(h, h0) and torch.equal(u, u0)
+
+
+def test_autocast_does_not_reach_inside_the_operator():
+    """A bf16 autocast region around the caller must not turn the backend's fp32 matmuls into bf16 ones: the solve
+    would amplify their rounding (forward and backward)."""
+    x64 = make_inputs(2, 100, 3, 32, requires_grad=True)
+    ref = gka_naive(*x64)
+    do = torch.randn_like(ref)
+    ref_grads = torch.autograd.grad(gka_chunk(*x64, backend='torch'), x64, do)
+    x32 = [t.detach().float().requires_grad_() for t in x64]
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        o = gka_chunk(*x32, backend='torch')
+        assert o.dtype == torch.float32
+        grads = torch.autograd.grad(o, x32, do.float())
+    assert rel_rmse(o, ref) <= 1e-5
+    for a, b in zip(grads, ref_grads):
+        assert rel_rmse(a, b) <= 1e-4

@@ -5,6 +5,7 @@ from typing import Optional, Tuple
 
 import torch
 
+from ..precision import autocast_off
 from ..validation import state_dtype
 from .gram_backward import gram_backward_inter, gram_backward_intra
 from .layout import chunk_decay, from_chunks, to_chunks
@@ -56,6 +57,11 @@ class GKAChunkFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do, dHT, dUT):
+        with autocast_off(ctx.saved_tensors[0].device.type):
+            return GKAChunkFunction._backward(ctx, do, dHT, dUT)
+
+    @staticmethod
+    def _backward(ctx, do, dHT, dUT):
         q, k, v, g, alpha, h0, u0, X, f, live = ctx.saved_tensors
         num_iter, r, scale, chunk_size, T = ctx.cfg
         Q, K, V, A, d, Hinc, Uinc = _prepare(q, k, v, g, alpha, chunk_size)

@@ -5,6 +5,7 @@ from typing import Optional, Tuple
 
 import torch
 
+from ..precision import autocast_off
 from .backward import chunk_backward
 from .config import check_triton_inputs, pick_chunk_size, solve_dot_mode
 from .solve import acc_precision, chunk_forward
@@ -38,8 +39,9 @@ class GKATritonFunction(torch.autograd.Function):
         q, k, v, g, alpha, h0, u0, x, f = ctx.saved_tensors
         num_iter, r, scale, chunk_size, dot = ctx.cfg
         do = _unit_last(do) if do is not None else None
-        dq, dk, dv, dg, dalpha, dh0, du0 = chunk_backward(q, k, v, g, alpha, h0, u0, x, f, do, dHT, dUT, num_iter,
-                                                          r, scale, chunk_size, dot)
+        with autocast_off(q.device.type):  # the hybrid backward's torch matmuls must stay fp32
+            dq, dk, dv, dg, dalpha, dh0, du0 = chunk_backward(q, k, v, g, alpha, h0, u0, x, f, do, dHT, dUT,
+                                                              num_iter, r, scale, chunk_size, dot)
         need = ctx.needs_input_grad
         dq, dk, dv, dalpha = (gr.to(t.dtype) for gr, t in ((dq, q), (dk, k), (dv, v), (dalpha, alpha)))
         dh0 = dh0.to(h0.dtype) if h0 is not None and dh0 is not None and need[5] else None
