@@ -37,7 +37,7 @@ def test_every_package_folder_is_declared():
 @pytest.fixture(scope='module')
 def wheel(tmp_path_factory):
     src = tmp_path_factory.mktemp('src')
-    for item in ('pyproject.toml', 'README.md', 'kernels', 'gka_vision', 'train_imagenet'):
+    for item in ('pyproject.toml', 'README.md', 'kernels', 'gka_vision', 'train_imagenet', 'configs'):
         p = ROOT / item
         (shutil.copytree if p.is_dir() else shutil.copy2)(p, src / item)
     out = tmp_path_factory.mktemp('wheel')
@@ -59,6 +59,9 @@ def test_wheel_holds_all_three_packages(wheel):
     # package data that the code loads at run time
     for data in (ROOT / 'train_imagenet').glob('*.json'):
         assert f'train_imagenet/{data.name}' in names
+    # the train.py configs, so the demo runs from a plain install too (train_imagenet.demo looks there)
+    for cfg in (ROOT / 'configs').glob('*.yaml'):
+        assert any(n.endswith(f'.data/data/share/gka-vision/configs/{cfg.name}') for n in names), cfg.name
 
 
 def test_wheel_metadata_declares_dependencies(wheel):

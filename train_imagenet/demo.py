@@ -37,10 +37,12 @@ class DemoResult:
 
 
 def demo_config_path() -> Path:
-    """``configs/gka_tiny_digits.yaml`` of the source tree (the launcher lives beside ``configs/``)."""
+    """``configs/gka_tiny_digits.yaml`` of the source tree (the launcher lives beside ``configs/``), else the copy a
+    wheel install puts under ``<prefix>/share/gka-vision/configs``."""
     candidates = [
         Path(__file__).resolve().parent.parent / 'configs' / DEMO_CONFIG,
         Path.cwd() / 'configs' / DEMO_CONFIG,
+        Path(sys.prefix) / 'share' / 'gka-vision' / 'configs' / DEMO_CONFIG,
     ]
     for c in candidates:
         if c.is_file():
