@@ -30,6 +30,8 @@ import gka_vision  # noqa: E402,F401  (registers the gka models)
 
 GKA_MODELS = [f'gka_{s}{v}' for s in ('tiny', 'small', 'base') for v in ('', '_cross', '_alt')]
 DEIT_MODELS = [f'deit_{s}_patch16_224' for s in ('tiny', 'small', 'base')]
+# The pair the targets are stated for goes first, so a run cut short by --budget-s still has it.
+FIRST = ['gka_small', 'deit_small_patch16_224']
 SIZES = (224, 512, 1024, 2048, 4096)
 INFER_BATCH = {224: 256, 512: 64, 1024: 16, 2048: 4, 4096: 1}
 TRAIN_BATCH = {224: 128, 512: 32, 1024: 8, 2048: 2, 4096: 1}
@@ -152,6 +154,8 @@ def markdown(rows: List[Dict], mode: str) -> str:
                 cells.append('–')
             elif r.get('oom'):
                 cells.append('OOM')
+            elif r.get('skipped'):
+                cells.append('not run')
             elif 'act_gib' in r:
                 cells.append(f"{r['img_s']:,.1f} ({r['act_gib']:.2f})")
             else:
@@ -209,7 +213,9 @@ def plot(rows: List[Dict], mode: str, path: pathlib.Path, title: str):
 def main(argv: Optional[List[str]] = None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--out', default='benchmarks/results')
-    p.add_argument('--models', nargs='*', default=GKA_MODELS + DEIT_MODELS)
+    p.add_argument('--models', nargs='*', default=FIRST + [m for m in GKA_MODELS + DEIT_MODELS if m not in FIRST])
+    p.add_argument('--budget-s', type=float, default=270.0,
+                   help='stop measuring after this many seconds (later cells are recorded as skipped)')
     p.add_argument('--sizes', nargs='*', type=int, default=list(SIZES))
     p.add_argument('--modes', nargs='*', default=['infer', 'train'], choices=['infer', 'train'])
     p.add_argument('--warmup', type=int, default=2)
@@ -242,11 +248,15 @@ def main(argv: Optional[List[str]] = None):
     import triton
     env.update(device=torch.cuda.get_device_name(), triton=triton.__version__, compile=args.compile)
     rows = []
-    for mode in args.modes:
-        batches = INFER_BATCH if mode == 'infer' else TRAIN_BATCH
-        for m in args.models:
+    t_start = time.time()
+    for m in args.models:
+        for mode in args.modes:
+            batches = INFER_BATCH if mode == 'infer' else TRAIN_BATCH
             for s in args.sizes:
                 t0 = time.time()
+                if t0 - t_start > args.budget_s:
+                    rows.append(dict(model=m, img_size=s, batch=batches[s], mode=mode, skipped='time budget'))
+                    continue
                 r = measure(m, s, batches[s], mode, 'cuda', args.warmup, args.repeats, args.compile)
                 rows.append(r)
                 print(f"{mode:5s} {m:24s} {s:5d}px bs{batches[s]:<4d} "
