@@ -32,7 +32,7 @@ from typing import Dict, List, Optional
 
 import torch
 
-from lm_common import AttnLayerCache, build_lm, decode_step, env_info, finish, is_oom, markdown_table
+from lm_common import AttnLayerCache, build_lm, decode_step, env_info, finish, is_oom, markdown_table, pyplot
 
 from gka_kernels import resolve_backend
 from gka_vision.lm import GKAConfig, GKALayerCache
@@ -173,12 +173,9 @@ def measure(kind: str, model, L: int, batch: int, mode: str, args, device, dtype
 
 
 def plot(results: List[Dict], args, path: str) -> Optional[str]:
-    try:
-        import matplotlib
-        matplotlib.use('Agg')
-        import matplotlib.pyplot as plt
-    except ImportError as err:
-        return f'no plot: {err}'
+    plt = pyplot()
+    if isinstance(plt, str):
+        return plt
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for mode in args.modes:
         for batch in args.batch:

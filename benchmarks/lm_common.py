@@ -209,6 +209,17 @@ def write_outputs(out_dir: str, stem: str, payload: Dict, table: str) -> Dict[st
     return paths
 
 
+def pyplot():
+    """matplotlib.pyplot on the headless Agg backend, or a 'no plot: ...' note when matplotlib is missing."""
+    try:
+        import matplotlib
+        matplotlib.use('Agg')
+        import matplotlib.pyplot as plt
+    except ImportError as err:
+        return f'no plot: {err}'
+    return plt
+
+
 def finish(out_dir: str, stem: str, payload: Dict, setup: str, table: str, plot_fn) -> int:
     """Plot (``plot_fn(png_path)`` returns None or a note on why no plot was made), write the JSON and markdown,
     and print the table last (the GPU tool returns the tail of the output)."""

@@ -33,7 +33,7 @@ from typing import Dict, List, Optional
 import torch
 import torch.nn.functional as F
 
-from lm_common import build_lm, env_info, finish, is_oom, markdown_table
+from lm_common import build_lm, env_info, finish, is_oom, markdown_table, pyplot
 
 from gka_vision.lm import GKAConfig
 from gka_vision.lm.model import IGNORE_INDEX
@@ -202,12 +202,9 @@ def train_one(name: str, width: int, steps: int, args, device, amp_dtype) -> Dic
 
 
 def plot(results: List[Dict], args, path: str) -> Optional[str]:
-    try:
-        import matplotlib
-        matplotlib.use('Agg')
-        import matplotlib.pyplot as plt
-    except ImportError as err:
-        return f'no plot: {err}'
+    plt = pyplot()
+    if isinstance(plt, str):
+        return plt
     fig, axes = plt.subplots(1, len(args.pairs), figsize=(4.2 * len(args.pairs), 3.6), sharey=True, squeeze=False)
     for ax, n in zip(axes[0], args.pairs):
         for name in MODELS:

@@ -14,7 +14,7 @@ took ~48 ms at B4 T4096 H16 D128, this path ~22 ms even with the slower tf32 sol
 from __future__ import annotations
 
 import os
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -37,6 +37,32 @@ def _frob_inner(a: Optional[torch.Tensor], b: torch.Tensor) -> torch.Tensor:
     return (a.to(b.dtype) * b.reshape(a.shape)).sum((-1, -2)) if a is not None else b.new_zeros(())
 
 
+class _Recomputed(NamedTuple):
+    do: torch.Tensor
+    qt: torch.Tensor
+    H0s: torch.Tensor
+    HT: Optional[torch.Tensor]
+    U0s: torch.Tensor
+    UT: Optional[torch.Tensor]
+    RU: torch.Tensor
+    dU_init: torch.Tensor
+    acc: str
+
+
+def _recompute(q, k, v, g, alpha, h0, u0, x, do, dHT, dUT, num_iter, scale, C) -> _Recomputed:
+    """What both backward paths rebuild first: chunk-entry Gram and KV states, the mixed query q̃ and the
+    reverse pass of the readout's state gradient (from do and the final KV-state gradient)."""
+    B, T, H, _ = q.shape
+    do = v.new_zeros(B, T, H, v.shape[-1]) if do is None else do.contiguous()
+    acc = acc_precision(q.dtype)
+    H0s, HT = chunk_states(k, k, g, h0, C, want_final=dHT is not None, prec=acc)
+    U0s, UT = chunk_states(k, v, g, u0, C, want_final=dUT is not None, prec=acc)
+    f32 = torch.float32
+    qt = q.to(f32) + alpha.to(f32)[..., None] * (x - q.to(f32)) if num_iter > 0 else q
+    RU, dU_init = chunk_states(qt, do, g, dUT, C, reverse=True, scale=scale, prec=acc)
+    return _Recomputed(do, qt, H0s, HT, U0s, UT, RU, dU_init, acc)
+
+
 def chunk_backward(q, k, v, g, alpha, h0, u0, x, f, do, dHT, dUT, num_iter, r, scale, C, dot):
     """Gradients w.r.t. q, k, v, g, alpha, h0, u0 (q/v/alpha gradients in their dtypes, the rest fp32; the h0
     gradient None when nothing depends on it).
@@ -50,14 +76,10 @@ def chunk_backward(q, k, v, g, alpha, h0, u0, x, f, do, dHT, dUT, num_iter, r, s
     DV = v.shape[-1]
     f32 = torch.float32
     q, k, v, alpha = q.contiguous(), k.contiguous(), v.contiguous(), alpha.contiguous()
-    do = v.new_zeros(B, T, H, DV) if do is None else do.contiguous()
-    acc = acc_precision(q.dtype)
-    H0s, HT = chunk_states(k, k, g, h0, C, want_final=dHT is not None, prec=acc)
-    U0s, UT = chunk_states(k, v, g, u0, C, want_final=dUT is not None, prec=acc)
+    rc = _recompute(q, k, v, g, alpha, h0, u0, x, do, dHT, dUT, num_iter, scale, C)
+    do, H0s, HT, U0s, UT, RU, dU_init, acc = rc.do, rc.H0s, rc.HT, rc.U0s, rc.UT, rc.RU, rc.dU_init, rc.acc
     NC = H0s.shape[1]
-    qt = q.to(f32) + alpha.to(f32)[..., None] * (x - q.to(f32)) if num_iter > 0 else q
-    RU, dU_init = chunk_states(qt, do, g, dUT, C, reverse=True, scale=scale, prec=acc)
-    del qt
+    del rc
     solve = num_iter > 0
     dq = torch.empty_like(q)
     dk = torch.empty(B, T, H, D, device=q.device, dtype=f32)
@@ -93,14 +115,9 @@ def chunk_backward_hybrid(q, k, v, g, alpha, h0, u0, x, f, do, dHT, dUT, num_ite
     B, T, H, D = q.shape
     DV = v.shape[-1]
     f32 = torch.float32
-    if do is None:
-        do = v.new_zeros(B, T, H, DV)
-    acc = acc_precision(q.dtype)
-    H0s, HT = chunk_states(k, k, g, h0, C, want_final=dHT is not None, prec=acc)
-    U0s, UT = chunk_states(k, v, g, u0, C, want_final=dUT is not None, prec=acc)
+    rc = _recompute(q, k, v, g, alpha, h0, u0, x, do, dHT, dUT, num_iter, scale, C)
+    do, qt, H0s, HT, U0s, UT, RU, dU_init, acc = rc
     NC = H0s.shape[1]
-    qt = q.to(f32) + alpha.to(f32)[..., None] * (x - q.to(f32)) if num_iter > 0 else q
-    RU, dU_init = chunk_states(qt, do, g, dUT, C, reverse=True, scale=scale, prec=acc)
 
     Q, K, V, dO, Qt = (to_chunks(t.to(f32), C) for t in (q, k, v, do, qt))
     A = to_chunks(alpha.to(f32), C)
