@@ -51,15 +51,15 @@ def gka_caches(model, L: int, batch: int, mode: str, device, dtype) -> List[GKAL
         ids = torch.randint(0, cfg.vocab_size, (1, L), device=device)
         _, cache = model.forward_hidden(ids, use_cache=True)
         return [GKALayerCache(*(t.expand(batch, *t.shape[1:]).contiguous()
-                                for t in (c.conv_q, c.conv_k, c.conv_v, c.h_kk, c.h_kv))) for c in cache.layers]
+                                for t in (c.conv, c.h_kk, c.h_kv))) for c in cache.layers]
     H, D, W = cfg.num_heads, cfg.head_dim, cfg.conv_size - 1
     out = []
     for _ in range(cfg.num_layers):
         k = torch.nn.functional.normalize(torch.randn(batch, H, 64, D, device=device), dim=-1)
         h_kk = k.transpose(-1, -2) @ k  # PSD, like a decayed Gram of unit keys
         h_kv = torch.randn(batch, H, D, D, device=device) * 0.1
-        conv = [torch.randn(batch, W, n * D, device=device, dtype=dtype) for n in (H, cfg.kv_heads, cfg.kv_heads)]
-        out.append(GKALayerCache(*conv, h_kk, h_kv))
+        conv = torch.randn(batch, W, (H + 2 * cfg.kv_heads) * D, device=device, dtype=dtype)  # q|k|v tails
+        out.append(GKALayerCache(conv, h_kk, h_kv))
     return out
 
 

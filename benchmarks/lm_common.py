@@ -81,17 +81,18 @@ class AttnLayerCache:
 
 
 class CausalSelfAttention(nn.Module):
-    """Multi-head causal softmax attention with rotary positions; same projections layout as the GKA mixer
-    (q/k/v/o, no bias, grouped k/v heads allowed). Interface: ``forward(x, cache, use_cache) -> (y, cache)``."""
+    """Multi-head causal softmax attention with rotary positions; projections laid out like the GKA mixer's (one
+    fused input Linear ``qkv`` with output columns [q (H·D) | k (h·D) | v (h·D)], then ``o_proj``; no bias, grouped
+    k/v heads allowed), so both models pay one input GEMM per layer. Interface: ``forward(x, cache, use_cache) ->
+    (y, cache)``."""
 
     def __init__(self, config: GKAConfig, rope_base: float = 10000.0):
         super().__init__()
         d, H, D = config.hidden_size, config.num_heads, config.head_dim
         self.num_heads, self.num_kv_heads, self.head_dim = H, config.kv_heads, D
         self.rope_base = rope_base
-        self.q_proj = nn.Linear(d, H * D, bias=False)
-        self.k_proj = nn.Linear(d, self.num_kv_heads * D, bias=False)
-        self.v_proj = nn.Linear(d, self.num_kv_heads * D, bias=False)
+        self.qkv_split = (H * D, self.num_kv_heads * D, self.num_kv_heads * D)
+        self.qkv = nn.Linear(d, sum(self.qkv_split), bias=False)
         self.o_proj = nn.Linear(H * D, d, bias=False)
         self._rope_table: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
 
@@ -108,9 +109,10 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, cache: Optional[AttnLayerCache] = None, use_cache: bool = False):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = self.qkv(x).split(self.qkv_split, dim=-1)
+        q = q.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
+        k = k.unflatten(-1, (self.num_kv_heads, self.head_dim)).transpose(1, 2)
+        v = v.unflatten(-1, (self.num_kv_heads, self.head_dim)).transpose(1, 2)
         gqa = self.num_kv_heads != self.num_heads
         if cache is not None and cache.pos is not None:  # static mode (CUDA graphs): shapes never change
             if T != 1:

@@ -74,7 +74,7 @@ def test_chunked_prefill_continuation_equals_full_forward():
     got = torch.cat([a.logits, b.logits, c.logits], dim=1)
     assert rel_rmse(got, full.logits) <= 3e-5
     for lc, lf in zip(c.cache.layers, full.cache.layers):
-        for name in ('conv_q', 'conv_k', 'conv_v', 'h_kk', 'h_kv'):
+        for name in ('conv', 'h_kk', 'h_kv'):
             assert rel_rmse(getattr(lc, name), getattr(lf, name)) <= 3e-5, name
         assert lc.h_kk.dtype == torch.float32 and lc.h_kv.dtype == torch.float32
 
@@ -92,7 +92,8 @@ def test_cache_is_fixed_size_and_not_modified():
         assert torch.equal(c.h_kk, s)
     cfg = model.config
     assert long.layers[0].h_kk.shape == (2, cfg.num_heads, cfg.head_dim, cfg.head_dim)
-    assert long.layers[0].conv_k.shape == (2, cfg.conv_size - 1, cfg.kv_heads * cfg.head_dim)
+    # One tail for the q|k|v channels together.
+    assert long.layers[0].conv.shape == (2, cfg.conv_size - 1, (cfg.num_heads + 2 * cfg.kv_heads) * cfg.head_dim)
 
 
 def _reference_mixer(mixer, x):
@@ -110,17 +111,30 @@ def _reference_mixer(mixer, x):
         u = u.reshape(*u.shape[:2], h, D)
         return u.repeat_interleave(cfg_h // h, dim=2)
 
-    q = heads(conv(x @ p['q_proj.weight'].T, p['q_conv.conv.weight']), cfg_h)
-    k = heads(conv(x @ p['k_proj.weight'].T, p['k_conv.conv.weight']), mixer.num_kv_heads)
-    v = heads(conv(x @ p['v_proj.weight'].T, p['v_conv.conv.weight']), mixer.num_kv_heads)
+    # The documented layout: in_proj's output columns [q (H·D) | k (h·D) | v (h·D) | g (H·D) | β (H) | α (H) |
+    # a (H)], the fused conv's channels [q | k | v], gate_bias rows [β, α]. Cut each piece out by those offsets.
+    h = mixer.num_kv_heads
+    widths = {'q': cfg_h * D, 'k': h * D, 'v': h * D, 'g': cfg_h * D, 'beta': cfg_h, 'alpha': cfg_h, 'a': cfg_h}
+    W_in, W_conv = p['in_proj.weight'], p['qkv_conv.conv.weight']
+    assert W_in.shape == (sum(widths.values()), x.shape[-1])
+    assert W_conv.shape[0] == widths['q'] + widths['k'] + widths['v'] and p['gate_bias'].shape == (2, cfg_h)
+    rows, start = {}, 0
+    for name, n in widths.items():
+        rows[name] = slice(start, start + n)
+        start += n
+    proj = {name: x @ W_in[r].T for name, r in rows.items()}  # the q/k/v convs' channels are the same rows
+
+    q = heads(conv(proj['q'], W_conv[rows['q']]), cfg_h)
+    k = heads(conv(proj['k'], W_conv[rows['k']]), h)
+    v = heads(conv(proj['v'], W_conv[rows['v']]), h)
     q = q / (q.norm(dim=-1, keepdim=True) + 1e-6)
     k = k / (k.norm(dim=-1, keepdim=True) + 1e-6)
-    beta = torch.sigmoid(x @ p['beta_proj.weight'].T + p['beta_proj.bias'])
+    beta = torch.sigmoid(proj['beta'] + p['gate_bias'][0])
     k, v = k * (beta + 1e-6)[..., None], v * (beta + 1e-6)[..., None]
-    alpha = torch.sigmoid(x @ p['alpha_proj.weight'].T + p['alpha_proj.bias'])
-    a = -p['A_log'].exp() * F.softplus(x @ p['a_proj.weight'].T + p['dt_bias'])
+    alpha = torch.sigmoid(proj['alpha'] + p['gate_bias'][1])
+    a = -p['A_log'].exp() * F.softplus(proj['a'] + p['dt_bias'])
     o = gka_chunk(q, k, v, a, alpha, num_iter=mixer.num_iter, ridge_ratio=mixer.ridge_ratio, backend='naive')
-    z = (x @ p['g_proj.weight'].T).reshape(o.shape)
+    z = proj['g'].reshape(o.shape)
     o = o * torch.rsqrt(o.square().mean(-1, keepdim=True) + 1e-6) * p['o_norm.weight'] * F.silu(z)
     return o.flatten(-2) @ p['o_proj.weight'].T
 
@@ -130,8 +144,7 @@ def test_mixer_follows_spec(num_iter):
     model = tiny_model(num_iter=num_iter, num_kv_heads=2, initializer_range=0.1)
     mixer = model.layers[0].mixer
     with torch.no_grad():
-        for prm in (mixer.beta_proj.bias, mixer.alpha_proj.bias):
-            prm.normal_()  # non-trivial gates
+        mixer.gate_bias.normal_()  # non-trivial gates (β and α biases are zero after the model's init)
         x = torch.randn(2, 23, model.config.hidden_size)
         y, _ = mixer(x)
     assert rel_rmse(y, _reference_mixer(mixer, x)) <= 1e-5
@@ -144,7 +157,8 @@ def test_forget_gate_init_and_no_weight_decay():
     assert bool((A > 0).all()) and bool((A <= 16).all())
     dt = F.softplus(mixer.dt_bias.detach())
     assert bool((dt >= 1e-4 * (1 - 1e-4)).all()) and bool((dt <= 0.1 * (1 + 1e-4)).all())
-    assert model.no_weight_decay() == {f'layers.{i}.mixer.{n}' for i in range(2) for n in ('A_log', 'dt_bias')}
+    assert model.no_weight_decay() == {f'layers.{i}.mixer.{n}' for i in range(2)
+                                       for n in ('A_log', 'dt_bias', 'gate_bias')}
     names = dict(model.named_parameters())
     assert all(n in names for n in model.no_weight_decay())
     # timm's optimizer factory reads the set and puts those parameters in the no-decay group.
@@ -153,6 +167,26 @@ def test_forget_gate_init_and_no_weight_decay():
     by_id = {id(p): n for n, p in names.items()}
     decayed = {by_id[id(p)] for g in opt.param_groups if g['weight_decay'] > 0 for p in g['params']}
     assert decayed and not decayed & model.no_weight_decay()
+
+
+def test_fused_projections_init():
+    """in_proj gets the model's Normal(0, initializer_range) like every Linear and the β / α biases start at zero
+    like every Linear bias; a bare mixer draws them like the bias of a Linear d → H. The mixer holds one input
+    projection and one short conv, nothing else."""
+    cfg = tiny_config(initializer_range=0.05)
+    model = GKAForCausalLM(cfg).requires_grad_(False)
+    H, h, D, d = cfg.num_heads, cfg.kv_heads, cfg.head_dim, cfg.hidden_size
+    for block in model.layers:
+        m = block.mixer
+        assert m.in_proj.bias is None and m.in_proj.weight.shape == (2 * H * D + 2 * h * D + 3 * H, d)
+        assert abs(float(m.in_proj.weight.std()) / 0.05 - 1) < 0.05 and abs(float(m.in_proj.weight.mean())) < 5e-3
+        assert m.qkv_conv.conv.weight.shape == ((H + 2 * h) * D, 1, cfg.conv_size)
+        assert torch.equal(m.gate_bias.detach(), torch.zeros(2, H))
+    assert sorted(n for n, _ in model.layers[0].mixer.named_parameters()) == [
+        'A_log', 'dt_bias', 'gate_bias', 'in_proj.weight', 'o_norm.weight', 'o_proj.weight', 'qkv_conv.conv.weight']
+    from gka_vision.lm import GKACausalMixer
+    bare = GKACausalMixer(tiny_config(num_heads=64, head_dim=4)).gate_bias.detach()
+    assert bool((bare.abs() <= 1 / math.sqrt(d)).all()) and float(bare.abs().max()) > 0.5 / math.sqrt(d)
 
 
 def _greedy_reference(model, ids, n):

@@ -19,14 +19,13 @@ class GKALayerCache:
     """State of one mixer after some tokens.
 
     Attributes:
-        conv_q, conv_k, conv_v: The last ``conv_size - 1`` pre-conv projected inputs, [B, conv_size - 1, channels]
-            (zeros before the first token), so the causal conv of the next token sees its full window.
+        conv: The last ``conv_size - 1`` pre-conv projected inputs of q|k|v (channels in that order),
+            [B, conv_size - 1, H·D + 2·h·D] with h = ``num_kv_heads`` (zeros before the first token), so the causal
+            conv of the next token sees its full window.
         h_kk: Decayed key Gram Σ e^{Γ_t−Γ_i} k_i k_iᵀ, fp32 [B, H, D, D].
         h_kv: Decayed key-value memory Σ e^{Γ_t−Γ_i} k_i v_iᵀ, fp32 [B, H, D, D].
     """
-    conv_q: torch.Tensor
-    conv_k: torch.Tensor
-    conv_v: torch.Tensor
+    conv: torch.Tensor
     h_kk: torch.Tensor
     h_kv: torch.Tensor
 
@@ -65,9 +64,7 @@ class GKACache:
             raise ValueError(f'cache has {len(self.layers)} layers, the model has {config.num_layers}')
         H, D, W = config.num_heads, config.head_dim, config.conv_size - 1
         expect = {
-            'conv_q': (batch_size, W, config.num_heads * D),
-            'conv_k': (batch_size, W, config.kv_heads * D),
-            'conv_v': (batch_size, W, config.kv_heads * D),
+            'conv': (batch_size, W, (H + 2 * config.kv_heads) * D),
             'h_kk': (batch_size, H, D, D),
             'h_kv': (batch_size, H, D, D),
         }
@@ -85,11 +82,10 @@ class GKACache:
 
     def detach(self) -> 'GKACache':
         """A copy cut from the autograd graph (for truncated back-propagation through time)."""
-        layers = [GKALayerCache(*(t.detach() for t in (c.conv_q, c.conv_k, c.conv_v, c.h_kk, c.h_kv)))
-                  for c in self.layers]
+        layers = [GKALayerCache(*(t.detach() for t in (c.conv, c.h_kk, c.h_kv))) for c in self.layers]
         return GKACache(layers, self.seen_tokens, self.signature)
 
     def state_bytes(self) -> int:
         """Memory held by the cache, in bytes (constant in the number of tokens seen)."""
         return sum(t.numel() * t.element_size() for c in self.layers
-                   for t in (c.conv_q, c.conv_k, c.conv_v, c.h_kk, c.h_kv))
+                   for t in (c.conv, c.h_kk, c.h_kv))

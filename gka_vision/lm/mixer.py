@@ -1,6 +1,7 @@
 """The causal GKA token mixer of the language model, exactly as gka_spec.md §2 describes the authors' LM layer."""
 from __future__ import annotations
 
+import math
 from typing import Optional, Tuple
 
 import torch
@@ -42,6 +43,15 @@ class CausalShortConv(nn.Module):
 class GKACausalMixer(nn.Module):
     """Causal Gated KalmaNet mixer: projections, short convs, L2-normalised q/k, β/α/forget gates, ``gka_chunk``
     (or ``gka_step`` for one cached token), gated RMSNorm and the output projection (gka_spec.md §2 steps 1-12).
+
+    Parameters (H heads of size D, h = ``num_kv_heads`` native k/v heads, d = hidden size):
+        in_proj: Every input projection as one Linear d → 2·H·D + 2·h·D + 3·H, no bias; output columns
+            ``[q (H·D) | k (h·D) | v (h·D) | g (H·D, output gate) | β (H) | α (H) | a (H, forget gate)]``.
+        qkv_conv: One depthwise causal conv (+ SiLU) over the H·D + 2·h·D channels of q|k|v, in that order.
+        gate_bias: [2, H], the biases of β (row 0) and α (row 1).
+        A_log, dt_bias: The forget gate's per-head parameters; o_norm, o_proj: gated RMSNorm and output Linear.
+
+    One token with a cache thus costs one input GEMM and one conv per layer.
     """
 
     def __init__(self, config: GKAConfig):
@@ -53,28 +63,29 @@ class GKACausalMixer(nn.Module):
         self.num_iter = config.num_iter
         self.ridge_ratio = config.ridge_ratio
         self.chunk_size = config.chunk_size
-        self.q_proj = nn.Linear(d, H * D, bias=False)
-        self.k_proj = nn.Linear(d, self.num_kv_heads * D, bias=False)
-        self.v_proj = nn.Linear(d, self.num_kv_heads * D, bias=False)
-        self.q_conv = CausalShortConv(H * D, config.conv_size)
-        self.k_conv = CausalShortConv(self.num_kv_heads * D, config.conv_size)
-        self.v_conv = CausalShortConv(self.num_kv_heads * D, config.conv_size)
-        self.beta_proj = nn.Linear(d, H, bias=True)
-        self.alpha_proj = nn.Linear(d, H, bias=True)
-        self.a_proj = nn.Linear(d, H, bias=False)
+        h = self.num_kv_heads
+        # One input GEMM for every projection of x; output columns [q | k | v | g | β | α | a] of widths
+        # [H·D, h·D, h·D, H·D, H, H, H] (the q|k|v block first, so the short conv reads one contiguous slice).
+        self.qkv_dim = (H + 2 * h) * D
+        self.in_split = (self.qkv_dim, H * D, 2 * H, H)  # [q|k|v], g, [β|α], a
+        self.in_proj = nn.Linear(d, sum(self.in_split), bias=False)
+        # One depthwise conv over the concatenated q|k|v channels (depthwise, so the same as one conv per stream).
+        self.qkv_conv = CausalShortConv(self.qkv_dim, config.conv_size)
+        # Biases of β (row 0) and α (row 1), drawn like the bias of a Linear d → H: U(±1/√d).
+        self.gate_bias = nn.Parameter(torch.empty(2, H))
+        nn.init.uniform_(self.gate_bias, -1 / math.sqrt(d), 1 / math.sqrt(d))
         # The forget gate's per-head parameters; kept fp32-friendly and out of weight decay (gka_spec.md §2 step 7).
         self.A_log = nn.Parameter(torch.empty(H))
         self.dt_bias = nn.Parameter(torch.empty(H))
-        self.A_log._no_weight_decay = True
-        self.dt_bias._no_weight_decay = True
-        self.g_proj = nn.Linear(d, H * D, bias=False)
+        for prm in (self.A_log, self.dt_bias, self.gate_bias):
+            prm._no_weight_decay = True
         self.o_norm = GatedRMSNorm(D, eps=config.norm_eps)
         self.o_proj = nn.Linear(H * D, d, bias=False)
         init_forget_gate(self.A_log, self.dt_bias)
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set:
-        return {'A_log', 'dt_bias'}
+        return {'A_log', 'dt_bias', 'gate_bias'}
 
     def _heads(self, x: torch.Tensor, native_heads: int) -> torch.Tensor:
         """[B, T, h·D] → [B, T, H, D], repeating each native head H/h times (grouped k/v heads)."""
@@ -91,18 +102,21 @@ class GKACausalMixer(nn.Module):
     ) -> Tuple[torch.Tensor, Optional[GKALayerCache]]:
         """x: [B, T, d]. With ``cache`` the sequence continues from it. Returns (y [B, T, d], new cache or None)."""
         B, T, _ = x.shape
-        q, tail_q = self.q_conv(self.q_proj(x), cache.conv_q if cache is not None else None)
-        k, tail_k = self.k_conv(self.k_proj(x), cache.conv_k if cache is not None else None)
-        v, tail_v = self.v_conv(self.v_proj(x), cache.conv_v if cache is not None else None)
-        q = l2_normalize(self._heads(q, self.num_heads))
-        k = l2_normalize(self._heads(k, self.num_kv_heads))
-        v = self._heads(v, self.num_kv_heads)
+        H, h, D = self.num_heads, self.num_kv_heads, self.head_dim
+        qkv, z, ba, a = self.in_proj(x).split(self.in_split, dim=-1)
+        qkv, tail = self.qkv_conv(qkv, cache.conv if cache is not None else None)
+        q, k, v = qkv.split((H * D, h * D, h * D), dim=-1)
+        q = l2_normalize(self._heads(q, H))
+        k = l2_normalize(self._heads(k, h))
+        v = self._heads(v, h)
+        # β and α in one sigmoid; the bias is added in the projection's dtype, as a Linear with bias would.
+        ba = torch.sigmoid(ba.unflatten(-1, (2, H)) + self.gate_bias.to(ba.dtype))
         # β is per expanded head, so grouped heads share k but not their Grams (gka_spec.md pitfall 11).
-        beta = (torch.sigmoid(self.beta_proj(x)) + BETA_EPS).unsqueeze(-1)
+        beta = (ba[..., 0, :] + BETA_EPS).unsqueeze(-1)
         k = k * beta.to(k.dtype)
         v = v * beta.to(v.dtype)
-        alpha = torch.sigmoid(self.alpha_proj(x))
-        g = forget_gate_log_decay(self.a_proj(x), self.A_log, self.dt_bias)
+        alpha = ba[..., 1, :]
+        g = forget_gate_log_decay(a, self.A_log, self.dt_bias)
 
         state = cache.state if cache is not None else None
         # The kernels pick their own precision (fp32 states and accumulation); autocast must not re-cast inside.
@@ -115,7 +129,7 @@ class GKACausalMixer(nn.Module):
                 out = gka_chunk(q, k, v, g, alpha, num_iter=self.num_iter, ridge_ratio=self.ridge_ratio,
                                 chunk_size=self.chunk_size, initial_state=state, output_final_state=use_cache)
                 o, new_state = out if use_cache else (out, None)
-        o = self.o_norm(o, self.g_proj(x).unflatten(-1, (self.num_heads, self.head_dim)).to(o.dtype))
+        o = self.o_norm(o, z.unflatten(-1, (H, D)).to(o.dtype))
         y = self.o_proj(o.flatten(-2))
-        new_cache = GKALayerCache(tail_q, tail_k, tail_v, *new_state) if use_cache else None
+        new_cache = GKALayerCache(tail, *new_state) if use_cache else None
         return y, new_cache

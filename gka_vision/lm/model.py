@@ -91,8 +91,9 @@ class GKAForCausalLM(nn.Module):
         self.init_weights()
 
     def init_weights(self) -> None:
-        """Normal(0, initializer_range) for the embedding and every Linear weight, zero biases, unit norms; the
-        forget gate and the short convs keep their own init (gka_spec.md §2 steps 2 and 7); then tie the head."""
+        """Normal(0, initializer_range) for the embedding and every Linear weight (the fused ``in_proj`` included),
+        zero biases (the mixers' β / α ``gate_bias`` too), unit norms; the forget gate and the short convs keep their
+        own init (gka_spec.md §2 steps 2 and 7); then tie the head."""
         std = self.config.initializer_range
         for m in self.modules():
             if isinstance(m, nn.Linear):
@@ -103,6 +104,8 @@ class GKAForCausalLM(nn.Module):
                 nn.init.normal_(m.weight, std=std)
             elif isinstance(m, nn.RMSNorm):
                 nn.init.ones_(m.weight)
+            elif isinstance(m, GKACausalMixer):
+                nn.init.zeros_(m.gate_bias)  # the biases of the former β / α Linears, zeroed like every Linear bias
         self.tie_weights()
 
     def tie_weights(self) -> None:
@@ -111,7 +114,8 @@ class GKAForCausalLM(nn.Module):
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set:
-        """Full names of the parameters to exclude from weight decay (the forget gate's A_log and dt_bias)."""
+        """Full names of the parameters to exclude from weight decay (the forget gate's A_log and dt_bias, the β / α
+        gate_bias)."""
         names = set()
         for prefix, m in self.named_modules():
             if hasattr(m, 'no_weight_decay') and m is not self:
