@@ -4,7 +4,7 @@ Run from the repository root on the GPU machine (device tool):
     pip install -e . --no-deps --no-build-isolation -q && python3 benchmarks/gpu_kernels_check.py
 Writes into $OUT (at most 8 files): check.md (everything in one page), check.json, pytest_gpu.txt,
 kernels.json, kernels.md, kernels.png, profile.txt.
-Sections can be chosen: --only tests,variants,bench,profile.
+Sections can be chosen: --only tests,variants,schedule,quick,bench,profile.
 """
 from __future__ import annotations
 
@@ -72,6 +72,49 @@ def section_variants(report):
         rows.append(row)
     del os.environ['GKA_TRITON_DOT'], os.environ['GKA_TRITON_STATE_TILE']
     report['variants'] = rows
+
+
+SCHEDULES = [  # env overrides (kernels/triton: solve_schedule, acc_precision, backward_chunk_size, _num_warps, ...)
+    {}, {'GKA_TRITON_ACC': 'tf32x3', 'GKA_TRITON_BWD_CHUNK': '32'}, {'GKA_TRITON_BWD_CHUNK': '32'},
+    {'GKA_TRITON_FAST_ITERS': '10'},
+]
+
+
+def section_schedule(report):
+    """Iteration schedule of the solve (single-pass leading steps, independent accumulators, chunk, warps): output and
+    gradient error vs the float64 torch backend at a vision shape (bf16 inputs, N = 30), and speed."""
+    import kernels as kb
+    import gka_kernels as gk
+    from gka_inputs import make_inputs, rel_rmse
+    ins = make_inputs(4, 196, 6, 64, torch.bfloat16, device='cuda')
+    do = torch.randn(4, 196, 6, 64, device='cuda', dtype=torch.float64)
+    x64 = [t.double().requires_grad_() for t in ins]
+    ref = gk.gka_chunk(*x64, backend='torch')
+    (ref * do).sum().backward()
+    rows = []
+    for env in SCHEDULES:
+        os.environ.update(env)
+        try:
+            row = dict(env=' '.join(f'{k[11:]}={v}' for k, v in env.items()) or 'default')
+            xs = [t.detach().requires_grad_() for t in ins]
+            o = gk.gka_chunk(*xs, backend='triton')
+            (o.double() * do).sum().backward()
+            row['err o'] = rel_rmse(o, ref)
+            for name, a, b in zip('qkvga', xs, x64):
+                row[f'err d{name}'] = rel_rmse(a.grad, b.grad)
+            for shape, modes in (((256, 196, 6, 64), ('fwd', 'fwdbwd')), ((16, 4096, 6, 64), ('fwd', 'fwdbwd')),
+                                 ((4, 4096, 16, 128), ('fwd',))):
+                for mode in modes:
+                    try:
+                        row[f'{kb.shape_name(*shape)} {mode}'] = kb.time_gka(*shape, mode)
+                    except Exception as e:  # a variant may not fit (registers / shared memory)
+                        row[f'{kb.shape_name(*shape)} {mode}'] = f'{type(e).__name__}: {str(e)[:100]}'
+        finally:
+            for key in env:
+                del os.environ[key]
+        print('schedule', json.dumps(row), flush=True)
+        rows.append(row)
+    report['schedule'] = rows
 
 
 def section_quick(report):
@@ -187,6 +230,13 @@ def main():
         keys = list(report['variants'][0].keys())
         md += ['| ' + ' | '.join(keys) + ' |', '|---' * len(keys) + '|']
         for r in report['variants']:
+            md.append('| ' + ' | '.join(f'{r.get(k):.3g}' if isinstance(r.get(k), float) else str(r.get(k))
+                                        for k in keys) + ' |')
+    if 'schedule' in report:
+        md += ['', '## iteration schedules (ms; errors vs float64 at B4 T196 H6 D64, bf16, N = 30)', '']
+        keys = list(report['schedule'][0].keys())
+        md += ['| ' + ' | '.join(keys) + ' |', '|---' * len(keys) + '|']
+        for r in report['schedule']:
             md.append('| ' + ' | '.join(f'{r.get(k):.3g}' if isinstance(r.get(k), float) else str(r.get(k))
                                         for k in keys) + ' |')
     if 'quick' in report:

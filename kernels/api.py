@@ -69,6 +69,7 @@ def gka_chunk(
         initial_state: Optional[State] = None,
         output_final_state: bool = False,
         backend: Optional[str] = None,
+        check_values: Optional[bool] = None,
 ) -> Union[torch.Tensor, Tuple[torch.Tensor, Optional[State]]]:
     """Gated KalmaNet over a whole sequence (gka_spec.md §3).
 
@@ -88,12 +89,14 @@ def gka_chunk(
         initial_state: (h_kk [B, H, Dk, Dk], h_kv [B, H, Dk, Dv]) entering the sequence.
         output_final_state: also return the state after the last token (fp32; fp64 for fp64 inputs).
         backend: 'triton', 'torch' or 'naive'; default from ``GKA_BACKEND``, else triton on CUDA, torch elsewhere.
+        check_values: check g ≤ 0 (reads g: one device sync). None = yes unless ``GKA_CHECK_VALUES=0``; callers
+            whose g is non-positive by construction (the GKA mixers) pass False.
 
     Returns:
         o [B, T, H, Dv] in the dtype of q; with ``output_final_state`` the pair (o, (h_kk, h_kv)).
     """
     check_options(num_iter, ridge_ratio, scale, chunk_size)
-    check_chunk_inputs(q, k, v, g, alpha, initial_state)
+    check_chunk_inputs(q, k, v, g, alpha, initial_state, check_values)
     name = _pick_backend(backend, q, v)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     with autocast_off(q.device.type):
@@ -126,6 +129,7 @@ def gka_step(
         ridge_ratio: float = 0.02,
         scale: Optional[float] = None,
         backend: Optional[str] = None,
+        check_values: Optional[bool] = None,
 ) -> Tuple[torch.Tensor, State]:
     """One token of GKA from a state, O(1) in the sequence length (decoding).
 
@@ -134,6 +138,7 @@ def gka_step(
         g, alpha: [B, H] (or [B, 1, H]).
         state: (h_kk [B, H, Dk, Dk], h_kv [B, H, Dk, Dv]) from ``gka_chunk(..., output_final_state=True)`` or a
             previous step; None starts from zeros.
+        num_iter, ridge_ratio, scale, backend, check_values: as for ``gka_chunk``.
 
     Returns:
         o in the layout and dtype of q, and the new state (fp32; fp64 for fp64 inputs).
@@ -148,7 +153,7 @@ def gka_step(
                                     f'got {list(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}')
         q, k, v, g, alpha = (t[:, 0] for t in (q, k, v, g, alpha))
     check_options(num_iter, ridge_ratio, scale)
-    check_step_inputs(q, k, v, g, alpha, state)
+    check_step_inputs(q, k, v, g, alpha, state, check_values)
     name = _pick_backend(backend, q, v)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     with autocast_off(q.device.type):

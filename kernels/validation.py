@@ -32,9 +32,14 @@ def _check_tensor(name: str, t, rank: int, layout: str):
         _fail(f'{name} must have rank {rank} ({layout}), got rank {t.dim()} (shape {_shape(t)})')
 
 
-def _values_checked() -> bool:
-    # The sign check on g reads the tensor, which synchronises a CUDA stream; GKA_CHECK_VALUES=0 skips it.
-    return os.environ.get('GKA_CHECK_VALUES', '1') != '0' and not torch.compiler.is_compiling()
+def _values_checked(check_values: Optional[bool] = None) -> bool:
+    # The sign check on g reads the tensor, which synchronises a CUDA stream: a caller whose g is ≤ 0 by
+    # construction passes check_values=False; GKA_CHECK_VALUES=0 sets the default for everyone.
+    if torch.compiler.is_compiling():
+        return False
+    if check_values is not None:
+        return bool(check_values)
+    return os.environ.get('GKA_CHECK_VALUES', '1') != '0'
 
 
 def state_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -56,7 +61,7 @@ def check_options(num_iter, ridge_ratio, scale, chunk_size=None):
         _fail(f'chunk_size must be None or an int >= 1, got {chunk_size!r}')
 
 
-def _check_common(q, k, v, g, alpha, lead: Tuple[int, ...], lead_names: str):
+def _check_common(q, k, v, g, alpha, lead: Tuple[int, ...], lead_names: str, check_values: Optional[bool] = None):
     B_T_H = lead
     if k.shape[:-1] != q.shape[:-1] or v.shape[:-1] != q.shape[:-1]:
         _fail(f'q, k, v must share the leading dims [{lead_names}]: got q {_shape(q)}, k {_shape(k)}, v {_shape(v)}')
@@ -81,7 +86,7 @@ def _check_common(q, k, v, g, alpha, lead: Tuple[int, ...], lead_names: str):
     for name, t in (('k', k), ('v', v), ('g', g), ('alpha', alpha)):
         if t.device != dev:
             _fail(f'{name} is on {t.device} but q is on {dev}: all inputs must be on one device')
-    if _values_checked() and g.numel() and bool((g > 0).any()):
+    if _values_checked(check_values) and g.numel() and bool((g > 0).any()):
         _fail('g must be <= 0 everywhere: it is a log-decay (γ = exp(g) ≤ 1); '
               f'got max {float(g.max()):.4g}. Use g = -softplus(...) or logsigmoid(...)')
 
@@ -99,23 +104,24 @@ def _check_state(state, name: str, B: int, H: int, Dk: int, Dv: int, dev: torch.
             _fail(f'{name}.{part} is on {t.device} but q is on {dev}')
 
 
-def check_chunk_inputs(q, k, v, g, alpha, initial_state: Optional[Tuple[torch.Tensor, torch.Tensor]]):
+def check_chunk_inputs(q, k, v, g, alpha, initial_state: Optional[Tuple[torch.Tensor, torch.Tensor]],
+                       check_values: Optional[bool] = None):
     for name, t in (('q', q), ('k', k), ('v', v)):
         _check_tensor(name, t, 4, '[B, T, H, D]')
     for name, t in (('g', g), ('alpha', alpha)):
         _check_tensor(name, t, 3, '[B, T, H]')
-    _check_common(q, k, v, g, alpha, tuple(q.shape[:3]), 'B, T, H')
+    _check_common(q, k, v, g, alpha, tuple(q.shape[:3]), 'B, T, H', check_values)
     if initial_state is not None:
         B, _, H, Dk = q.shape
         _check_state(initial_state, 'initial_state', B, H, Dk, v.shape[-1], q.device)
 
 
-def check_step_inputs(q, k, v, g, alpha, state):
+def check_step_inputs(q, k, v, g, alpha, state, check_values: Optional[bool] = None):
     for name, t in (('q', q), ('k', k), ('v', v)):
         _check_tensor(name, t, 3, '[B, H, D]')
     for name, t in (('g', g), ('alpha', alpha)):
         _check_tensor(name, t, 2, '[B, H]')
-    _check_common(q, k, v, g, alpha, tuple(q.shape[:2]), 'B, H')
+    _check_common(q, k, v, g, alpha, tuple(q.shape[:2]), 'B, H', check_values)
     if state is not None:
         B, H, Dk = q.shape
         _check_state(state, 'state', B, H, Dk, v.shape[-1], q.device)

@@ -75,6 +75,14 @@ def test_value_check_can_be_disabled(monkeypatch):
     x = _x()
     monkeypatch.setenv('GKA_CHECK_VALUES', '0')
     gka_chunk(*_replace(x, 3, x[3].abs()))  # no sync, no error: the caller vouches for the sign
+    with pytest.raises(GKAInputError, match='g must be <= 0'):   # the argument wins over the environment
+        gka_chunk(*_replace(x, 3, x[3].abs()), check_values=True)
+    monkeypatch.delenv('GKA_CHECK_VALUES')
+    gka_chunk(*_replace(x, 3, x[3].abs()), check_values=False)
+    step = [t[:, 0] for t in _replace(x, 3, x[3].abs())]
+    gka_step(*step, check_values=False)
+    with pytest.raises(GKAInputError, match='g must be <= 0'):
+        gka_step(*step)
 
 
 STEP_CASES = [
@@ -116,3 +124,31 @@ def test_default_triton_falls_back_to_torch_for_unsupported_inputs(monkeypatch):
     from gka_kernels.triton.config import check_triton_inputs
     with pytest.raises(GKAInputError, match='head dims'):
         check_triton_inputs(q16, v16)
+
+
+def test_triton_tuning_knobs(monkeypatch):
+    """The Triton backend's benchmark knobs: defaults per dtype and a clear error for a bad value (host-side code,
+    importable without a GPU)."""
+    pytest.importorskip('triton', reason='the knobs belong to the Triton backend, which needs triton installed')
+    from gka_kernels.triton.config import backward_chunk_size, pick_chunk_size
+    from gka_kernels.triton.solve import acc_precision, solve_schedule
+    assert acc_precision(torch.bfloat16) == 'bf16x3'
+    assert acc_precision(torch.float16) == 'tf32x3'
+    assert acc_precision(torch.float32) == 'ieee'
+    monkeypatch.setenv('GKA_TRITON_ACC', 'bf16x3')
+    assert acc_precision(torch.float16) == 'tf32x3'   # fp16 tiles are not exact in bf16
+    monkeypatch.setenv('GKA_TRITON_ACC', 'fp8')
+    with pytest.raises(ValueError, match='GKA_TRITON_ACC'):
+        acc_precision(torch.bfloat16)
+    assert backward_chunk_size(32) == 16 and backward_chunk_size(16) == 16
+    monkeypatch.setenv('GKA_TRITON_BWD_CHUNK', '32')
+    assert backward_chunk_size(32) == 32
+    monkeypatch.setenv('GKA_TRITON_BWD_CHUNK', '48')
+    with pytest.raises(GKAInputError, match='GKA_TRITON_BWD_CHUNK'):
+        backward_chunk_size(32)
+    monkeypatch.setenv('GKA_TRITON_CHUNK', '8')
+    with pytest.raises(GKAInputError, match='GKA_TRITON_CHUNK'):
+        pick_chunk_size(None, 64)
+    assert solve_schedule(5, 30) == dict(FAST=0, FAST_MODE=2, ILP=True)
+    monkeypatch.setenv('GKA_TRITON_FAST_ITERS', '40')
+    assert solve_schedule(5, 30)['FAST'] == 30 and solve_schedule(0, 30)['FAST'] == 0   # no split: nothing to skip

@@ -146,6 +146,31 @@ def test_hybrid_backward_matches_fused():
 
 
 @cases
+def test_iteration_schedule_knobs():
+    """The single-pass leading steps and the chained accumulators are the same math (the interpreter computes every
+    dot in fp32, so only the GPU measures their rounding: tests/test_triton_gpu.py)."""
+    ins = make_inputs(2, 45, 2, 32, torch.float16, requires_grad=True)
+    do = torch.randn(2, 45, 2, 32, dtype=torch.float16)
+
+    def run():
+        xs = [t.detach().requires_grad_() for t in ins]
+        o = gk.gka_chunk(*xs, num_iter=20, chunk_size=16, backend='triton')
+        o.float().mul(do.float()).sum().backward()
+        return [o] + [t.grad for t in xs]
+
+    base = run()
+    for env in ({'GKA_TRITON_FAST_ITERS': '12'}, {'GKA_TRITON_FAST_ITERS': '40', 'GKA_TRITON_ILP': '0'}):
+        os.environ.update(env)
+        try:
+            got = run()
+        finally:
+            for key in env:
+                del os.environ[key]
+        for name, a, b in zip(('o', 'dq', 'dk', 'dv', 'dg', 'dalpha'), got, base):
+            assert rel_rmse(a, b) < 2e-3, f'{env} {name}: rel RMSE {rel_rmse(a, b):.2e}'
+
+
+@cases
 def test_tiling_does_not_change_result():
     """Chunk size and the state pass's D-tile are internal choices."""
     ins = make_inputs(1, 40, 2, 64, torch.float32)

@@ -23,7 +23,8 @@ from ..torch_chunk.gram_backward import gram_backward_inter, gram_backward_intra
 from ..torch_chunk.layout import chunk_decay, from_chunks, to_chunks
 from ..torch_chunk.readout import readout_backward
 from .backward_kernels import _bwd_chunk_kernel, _bwd_inter_kernel
-from .solve import _num_warps, _omegas, acc_precision, chunk_adjoint_solve, dot_mode
+from .config import backward_chunk_size
+from .solve import _num_warps, _omegas, acc_precision, chunk_adjoint_solve, dot_mode, solve_schedule
 from .state_pass import chunk_states, scan_increments
 
 
@@ -53,7 +54,8 @@ def _recompute(q, k, v, g, alpha, h0, u0, x, do, dHT, dUT, num_iter, scale, C) -
     """What both backward paths rebuild first: chunk-entry Gram and KV states, the mixed query q̃ and the
     reverse pass of the readout's state gradient (from do and the final KV-state gradient)."""
     B, T, H, _ = q.shape
-    do = v.new_zeros(B, T, H, v.shape[-1]) if do is None else do.contiguous()
+    # do in v's dtype (autograd hands it so): the kernels treat its tiles as exact in that dtype (dots.py)
+    do = v.new_zeros(B, T, H, v.shape[-1]) if do is None else do.to(v.dtype).contiguous()
     acc = acc_precision(q.dtype)
     H0s, HT = chunk_states(k, k, g, h0, C, want_final=dHT is not None, prec=acc)
     U0s, UT = chunk_states(k, v, g, u0, C, want_final=dUT is not None, prec=acc)
@@ -75,6 +77,7 @@ def chunk_backward(q, k, v, g, alpha, h0, u0, x, f, do, dHT, dUT, num_iter, r, s
     B, T, H, D = q.shape
     DV = v.shape[-1]
     f32 = torch.float32
+    C = backward_chunk_size(C)
     q, k, v, alpha = q.contiguous(), k.contiguous(), v.contiguous(), alpha.contiguous()
     rc = _recompute(q, k, v, g, alpha, h0, u0, x, do, dHT, dUT, num_iter, scale, C)
     do, H0s, HT, U0s, UT, RU, dU_init, acc = rc.do, rc.H0s, rc.HT, rc.U0s, rc.UT, rc.RU, rc.dU_init, rc.acc
@@ -91,7 +94,8 @@ def chunk_backward(q, k, v, g, alpha, h0, u0, x, f, do, dHT, dUT, num_iter, r, s
         q, k, v, g, alpha, x if solve else q, f if solve else g, do, H0s, U0s, RU,
         _omegas(num_iter, r, q.device), dq, dk, dv, dgam, dal, inc if solve else H0s,
         T, H, NC, float(r), float(scale), F_MIN,
-        D=D, DV=DV, C=C, N=num_iter, MODE=dot_mode(dot, q.dtype), ACC=acc, num_warps=_num_warps(D, C),
+        D=D, DV=DV, C=C, N=num_iter, MODE=dot_mode(dot, q.dtype), **solve_schedule(dot_mode(dot, q.dtype), num_iter),
+        ACC=acc, num_warps=_num_warps(D, C),
     )
     dH_init = None
     if solve or dHT is not None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .dots import _xdot
 from .solve import _cheb_solve
 
 
@@ -20,7 +21,7 @@ def _bwd_chunk_kernel(
         dq_ptr, dk_ptr, dv_ptr, dgam_ptr, dal_ptr, inc_ptr,
         T, H, NC, r, scale, f_min,
         D: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, N: tl.constexpr, MODE: tl.constexpr,
-        ACC: tl.constexpr,
+        FAST: tl.constexpr, FAST_MODE: tl.constexpr, ILP: tl.constexpr, ACC: tl.constexpr,
 ):
     bh = tl.program_id(0).to(tl.int64)   # b·h on the axis without the 65,535 limit
     ic = tl.program_id(1)
@@ -48,10 +49,9 @@ def _bwd_chunk_kernel(
     Kt = tl.trans(K)
     V = tl.load(v_ptr + pv, mask=m2, other=0.0).to(tl.float32)
     dO = tl.load(do_ptr + pv, mask=m2, other=0.0).to(tl.float32)
-    A = tl.dot(dO, tl.trans(V), input_precision=ACC) * M          # A[τ,σ] = M[τ,σ] (do_τ·v_σ)
+    A = _xdot(dO, tl.trans(V), True, True, ACC) * M          # A[τ,σ] = M[τ,σ] (do_τ·v_σ)
     U0 = tl.load(u0_ptr + (bh * NC + ic) * D * DV + rd[:, None] * DV + rv[None, :])
-    dqt = scale * (e[:, None] * tl.dot(dO, tl.trans(U0), input_precision=ACC)
-                   + tl.dot(A, K, input_precision=ACC))
+    dqt = scale * (e[:, None] * _xdot(dO, tl.trans(U0), True, False, ACC) + _xdot(A, K, False, True, ACC))
     Q = tl.load(q_ptr + pk, mask=m2, other=0.0).to(tl.float32)
     if N > 0:
         X = tl.load(x_ptr + pk, mask=m2, other=0.0)
@@ -61,35 +61,33 @@ def _bwd_chunk_kernel(
     else:
         Qt = Q
     RU = tl.load(ru_ptr + (bh * NC + ic) * D * DV + rd[:, None] * DV + rv[None, :])
-    dk = scale * tl.dot(tl.trans(A), Qt, input_precision=ACC) \
-        + bdec[:, None] * tl.dot(V, tl.trans(RU), input_precision=ACC)
-    Bm = tl.dot(Qt, Kt, input_precision=ACC) * M                 # B[τ,σ] = M[τ,σ] (q̃_τ·k_σ)
-    dv = scale * tl.dot(tl.trans(Bm), dO, input_precision=ACC) + bdec[:, None] * tl.dot(K, RU, input_precision=ACC)
+    dk = scale * _xdot(tl.trans(A), Qt, False, N == 0, ACC) + bdec[:, None] * _xdot(V, tl.trans(RU), True, False, ACC)
+    Bm = _xdot(Qt, Kt, N == 0, True, ACC) * M                 # B[τ,σ] = M[τ,σ] (q̃_τ·k_σ)
+    dv = scale * _xdot(tl.trans(Bm), dO, False, True, ACC) + bdec[:, None] * _xdot(K, RU, True, False, ACC)
     tl.store(dv_ptr + pv, dv.to(dv_ptr.dtype.element_ty), mask=m2)
     dgam = tl.sum(Qt * dqt, 1) - tl.sum(K * dk, 1)
 
     if N > 0:
         H0 = tl.load(h0_ptr + (bh * NC + ic) * D * D + rd[:, None] * D + rd[None, :])
         f = tl.maximum(tl.load(f_ptr + row, mask=tm, other=f_min), f_min)
-        Ua = _cheb_solve(al[:, None] * dqt, K, Kt, H0, M, e, f, r, om_ptr, C, D, N, MODE)
+        Ua = _cheb_solve(al[:, None] * dqt, K, Kt, H0, M, e, f, r, om_ptr, C, D, N, MODE, FAST, FAST_MODE, ILP)
         tl.store(dq_ptr + pk, ((1.0 - al[:, None]) * dqt + Ua).to(dq_ptr.dtype.element_ty), mask=m2)
         # Gram part of the implicit gradient: Ḡ_τ = −u_τx_τᵀ − c_τH_τ, c_τ = r(u_τ·x_τ)/f_τ (λ-path)
         c = tl.where(f > f_min, r * tl.sum(Ua * X, 1) / f, 0.0)
-        XK = tl.dot(X, Kt, input_precision=ACC) * M
-        UK = tl.dot(Ua, Kt, input_precision=ACC) * M
-        rank1 = tl.dot(tl.trans(XK), Ua, input_precision=ACC) + tl.dot(tl.trans(UK), X, input_precision=ACC)
+        XK = _xdot(X, Kt, False, True, ACC) * M
+        UK = _xdot(Ua, Kt, False, True, ACC) * M
+        rank1 = _xdot(tl.trans(XK), Ua, False, False, ACC) + _xdot(tl.trans(UK), X, False, False, ACC)
         ce = c * e
         W1 = tl.sum(M * ce[:, None], 0)                          # W1[σ] = Σ_τ M[τ,σ] c_τ e_τ
-        W2 = tl.dot(tl.trans(M), c[:, None] * M, input_precision=ACC)
-        KK = tl.dot(K, Kt, input_precision=ACC)
-        lam_path = 2.0 * (W1[:, None] * tl.dot(K, H0, input_precision=ACC)
-                          + tl.dot(W2 * KK, K, input_precision=ACC))
+        W2 = _xdot(tl.trans(M), c[:, None] * M, False, False, ACC)
+        KK = _xdot(K, Kt, True, True, ACC)
+        lam_path = 2.0 * (W1[:, None] * _xdot(K, H0, True, False, ACC) + _xdot(W2 * KK, K, False, True, ACC))
         dk_i = -(rank1 + lam_path)
-        HX = e[:, None] * tl.dot(X, H0, input_precision=ACC) + tl.dot(XK, K, input_precision=ACC)
+        HX = e[:, None] * _xdot(X, H0, False, False, ACC) + _xdot(XK, K, False, True, ACC)
         dgam = dgam - tl.sum(Ua * HX, 1) - c * f * f - 0.5 * tl.sum(K * dk_i, 1)
         dk = dk + dk_i
-        inc = -tl.dot(tl.trans(e[:, None] * Ua), X, input_precision=ACC) - tl.sum(ce * e, 0) * H0 \
-            - tl.dot(tl.trans(W1[:, None] * K), K, input_precision=ACC)
+        inc = -_xdot(tl.trans(e[:, None] * Ua), X, False, False, ACC) - tl.sum(ce * e, 0) * H0 \
+            - _xdot(tl.trans(W1[:, None] * K), K, False, True, ACC)
         tl.store(inc_ptr + (bh * NC + ic) * D * D + rd[:, None] * D + rd[None, :], inc)
     else:
         tl.store(dq_ptr + pk, dqt.to(dq_ptr.dtype.element_ty), mask=m2)
@@ -118,7 +116,7 @@ def _bwd_inter_kernel(
     bdec = tl.exp(tl.sum(gl, 0) - tl.cumsum(gl, 0))
     K = tl.load(k_ptr + pk, mask=tm[:, None], other=0.0).to(tl.float32)
     R = tl.load(rh_ptr + (bh * NC + ic) * D * D + rd[:, None] * D + rd[None, :])
-    inter = bdec[:, None] * (tl.dot(K, R, input_precision=ACC) + tl.dot(K, tl.trans(R), input_precision=ACC))
+    inter = bdec[:, None] * (_xdot(K, R, True, False, ACC) + _xdot(K, tl.trans(R), True, False, ACC))
     dk = tl.load(dk_ptr + pk, mask=tm[:, None], other=0.0)
     tl.store(dk_ptr + pk, dk + inter, mask=tm[:, None])
     dg = tl.load(dgam_ptr + row, mask=tm, other=0.0)

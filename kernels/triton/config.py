@@ -10,7 +10,8 @@ from ..chebyshev import F_MIN  # the same floor on ‖H‖_F as every other back
 from ..validation import GKAInputError
 
 __all__ = [
-    'HEAD_DIMS', 'CHUNK_SIZES', 'check_triton_inputs', 'unsupported_reason', 'pick_chunk_size', 'solve_dot_mode', 'F_MIN',
+    'HEAD_DIMS', 'CHUNK_SIZES', 'check_triton_inputs', 'unsupported_reason', 'pick_chunk_size', 'backward_chunk_size',
+    'solve_dot_mode', 'F_MIN',
 ]
 
 HEAD_DIMS = (32, 64, 128)
@@ -56,6 +57,19 @@ def pick_chunk_size(chunk_size: Optional[int], head_dim: int) -> int:
             raise GKAInputError(f'GKA_TRITON_CHUNK must be one of {CHUNK_SIZES}, got {env!r}')
         return c
     return 32
+
+
+def backward_chunk_size(forward_chunk: int) -> int:
+    """Chunk of the fused backward (head dims ≤ 64). It recomputes its chunk states, so its tiling is free of the
+    forward's: 16-token chunks keep the fused kernel's ~10 live tiles in registers, which made the whole
+    backward 1.5× faster than at 32 on the H200 (KERNEL_NOTES.md, v4). ``GKA_TRITON_BWD_CHUNK`` overrides."""
+    env = os.environ.get('GKA_TRITON_BWD_CHUNK')
+    if env:
+        c = int(env)
+        if c not in CHUNK_SIZES:
+            raise GKAInputError(f'GKA_TRITON_BWD_CHUNK must be one of {CHUNK_SIZES}, got {env!r}')
+        return c
+    return min(forward_chunk, 16)
 
 
 def solve_dot_mode(dtype: torch.dtype) -> str:

@@ -15,61 +15,12 @@ import triton.language as tl
 
 from ..chebyshev import chebyshev_omegas
 from .config import F_MIN
-
-
-@triton.jit
-def _op(a, MODE: tl.constexpr):
-    """A dot operand in the precision of MODE (cast once, outside the iteration loop)."""
-    if MODE == 2:
-        out = a.to(tl.bfloat16)
-    elif MODE == 3:
-        out = a.to(tl.float16)
-    elif MODE == 5:
-        out = a.to(tl.bfloat16)
-    else:
-        out = a
-    return out
-
-
-@triton.jit
-def _lo(a, MODE: tl.constexpr):
-    """The rounding remainder a − bf16(a), itself in bf16 (MODE 5 only; a placeholder otherwise)."""
-    if MODE == 5:
-        out = (a - a.to(tl.bfloat16).to(tl.float32)).to(tl.bfloat16)
-    else:
-        out = a
-    return out
-
-
-@triton.jit
-def _mm(a, b, b_lo, MODE: tl.constexpr, SPLIT_B: tl.constexpr):
-    """a @ b with fp32 accumulation, a fp32. MODE 0 exact fp32, 1 tf32, 2 bf16 operands, 3 fp16 operands,
-    4 tf32x3, 5 bf16 hi/lo split of a (and of b when SPLIT_B; b = bf16(B), b_lo = B − b): ~16 mantissa bits."""
-    if MODE == 0:
-        out = tl.dot(a, b, input_precision='ieee')
-    elif MODE == 1:
-        out = tl.dot(a, b, input_precision='tf32')
-    elif MODE == 2:
-        out = tl.dot(a.to(tl.bfloat16), b)
-    elif MODE == 3:
-        out = tl.dot(a.to(tl.float16), b)
-    elif MODE == 4:
-        out = tl.dot(a, b, input_precision='tf32x3')
-    else:
-        a_hi = a.to(tl.bfloat16)
-        a_lo = (a - a_hi.to(tl.float32)).to(tl.bfloat16)
-        if SPLIT_B:
-            out = tl.dot(a_hi, b_lo)
-            out = tl.dot(a_lo, b, out)
-        else:
-            out = tl.dot(a_lo, b)
-        out = tl.dot(a_hi, b, out)
-    return out
+from .dots import _lo, _mm, _op, _xdot
 
 
 @triton.jit
 def _cheb_solve(rhs, K, Kt, H0, M, e, f, r, om_ptr, C: tl.constexpr, D: tl.constexpr, N: tl.constexpr,
-                MODE: tl.constexpr):
+                MODE: tl.constexpr, FAST: tl.constexpr, FAST_MODE: tl.constexpr, ILP: tl.constexpr):
     """N Chebyshev steps for (H_τ + r f_τ I) x_τ = rhs_τ, all rows of the chunk at once, iterate on chip.
 
     H_τ x = e_τ H⁰x + Σ_σ M[τ,σ] (k_σ·x) k_σ: three dots per step. f is floored already. In MODE 5 the keys
@@ -83,10 +34,19 @@ def _cheb_solve(rhs, K, Kt, H0, M, e, f, r, om_ptr, C: tl.constexpr, D: tl.const
     Ktm = _op(Kt, MODE)
     x_prev = tl.zeros([C, D], dtype=tl.float32)
     x = eta * rhs
-    for i in range(N):
+    # The first FAST steps take single-pass products: the iteration damps an early step's rounding error by the
+    # remaining steps' contraction (benchmarks/KERNEL_NOTES.md, v4), so only the last steps need the split.
+    for i in range(FAST):
         om = tl.load(om_ptr + i)
-        ax = ee * _mm(x, H0m, H0l, MODE, True) + _mm(_mm(x, Ktm, Ktm, MODE, False) * M, Km, Km, MODE, False) \
-            + lam * x
+        ax = ee * _mm(x, H0m, H0l, FAST_MODE, True, ILP) \
+            + _mm(_mm(x, Ktm, Ktm, FAST_MODE, False, ILP) * M, Km, Km, FAST_MODE, False, ILP) + lam * x
+        x_new = om * (x - eta * (ax - rhs)) + (1.0 - om) * x_prev
+        x_prev = x
+        x = x_new
+    for i in range(FAST, N):
+        om = tl.load(om_ptr + i)
+        ax = ee * _mm(x, H0m, H0l, MODE, True, ILP) \
+            + _mm(_mm(x, Ktm, Ktm, MODE, False, ILP) * M, Km, Km, MODE, False, ILP) + lam * x
         x_new = om * (x - eta * (ax - rhs)) + (1.0 - om) * x_prev
         x_prev = x
         x = x_new
@@ -105,7 +65,8 @@ def _chunk_solve_kernel(
         s_xb, s_xt, s_xh,
         s_ob, s_ot, s_oh,
         D: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, N: tl.constexpr, MODE: tl.constexpr,
-        ACC: tl.constexpr, LOAD_F: tl.constexpr, READOUT: tl.constexpr, STORE_X: tl.constexpr,
+        FAST: tl.constexpr, FAST_MODE: tl.constexpr, ILP: tl.constexpr, ACC: tl.constexpr, LOAD_F: tl.constexpr,
+        READOUT: tl.constexpr, STORE_X: tl.constexpr,
 ):
     bh = tl.program_id(0).to(tl.int64)   # b·h on the axis without the 65,535 limit
     ic = tl.program_id(1)
@@ -135,15 +96,15 @@ def _chunk_solve_kernel(
             f = tl.maximum(f, f_min)
         else:
             # ‖H_τ‖²_F = e²‖H⁰‖² + 2e Σ_σ M[τ,σ] k_σᵀH⁰k_σ + Σ_{σ,σ'} M[τ,σ] M[τ,σ'] (k_σ·k_σ')²
-            kHk = tl.sum(tl.dot(K, H0, input_precision=ACC) * K, 1)
-            S = tl.dot(K, Kt, input_precision=ACC)
-            MP = tl.dot(M, S * S, input_precision=ACC)
+            kHk = tl.sum(_xdot(K, H0, True, False, ACC) * K, 1)
+            S = _xdot(K, Kt, True, True, ACC)
+            MP = _xdot(M, S * S, False, False, ACC)
             hn = tl.sum(tl.sum(H0 * H0, 1), 0)
             f2 = e * e * hn + 2.0 * e * tl.sum(M * kHk[None, :], 1) + tl.sum(MP * M, 1)
             f = tl.sqrt(tl.maximum(f2, 0.0))
             f = tl.where(f > f_min, f, f_min)
             tl.store(f_ptr + b * s_gb + h * s_gh + t * s_gt, f, mask=tm)
-        x = _cheb_solve(Q, K, Kt, H0, M, e, f, r, om_ptr, C, D, N, MODE)
+        x = _cheb_solve(Q, K, Kt, H0, M, e, f, r, om_ptr, C, D, N, MODE, FAST, FAST_MODE, ILP)
         if STORE_X:
             tl.store(x_ptr + b * s_xb + h * s_xh + t[:, None] * s_xt + rd[None, :], x, mask=tm[:, None])
 
@@ -157,8 +118,8 @@ def _chunk_solve_kernel(
         V = tl.load(v_ptr + b * s_vb + h * s_vh + t[:, None] * s_vt + rv[None, :], mask=tm[:, None],
                     other=0.0).to(tl.float32)
         U0 = tl.load(u0_ptr + (bh * NC + ic) * D * DV + rd[:, None] * DV + rv[None, :])
-        O = e[:, None] * tl.dot(Qt, U0, input_precision=ACC) \
-            + tl.dot(tl.dot(Qt, Kt, input_precision=ACC) * M, V, input_precision=ACC)
+        O = e[:, None] * _xdot(Qt, U0, N == 0, False, ACC) \
+            + _xdot(_xdot(Qt, Kt, N == 0, True, ACC) * M, V, False, True, ACC)
         O = O * scale
         tl.store(o_ptr + b * s_ob + h * s_oh + t[:, None] * s_ot + rv[None, :], O.to(o_ptr.dtype.element_ty),
                  mask=tm[:, None])
@@ -176,15 +137,32 @@ def dot_mode(dot: str, dtype: torch.dtype) -> int:
     return _MODES[dot]
 
 
+def solve_schedule(mode: int, num_iter: int) -> dict:
+    """Kernel constants of the iteration schedule: FAST leading steps with single-pass products (split modes only),
+    FAST_MODE their product mode, ILP independent accumulators for the split products.
+
+    ``GKA_TRITON_FAST_ITERS`` (default 0) and ``GKA_TRITON_ILP`` (default 1) override (benchmarks)."""
+    fast_mode = {5: 2, 4: 1}.get(mode, mode)
+    fast = int(os.environ.get('GKA_TRITON_FAST_ITERS', '0')) if fast_mode != mode else 0
+    ilp = os.environ.get('GKA_TRITON_ILP', '1') != '0'
+    return dict(FAST=max(0, min(fast, num_iter)), FAST_MODE=fast_mode, ILP=ilp)
+
+
 def acc_precision(dtype: torch.dtype) -> str:
-    """Operand precision of the fixed (not iterated) dots: norms, readout, gradients, state passes. tf32x3 is
-    fp32-like on the tensor cores; the interpreter computes every dot in fp32 anyway. ``GKA_TRITON_ACC=tf32``
-    (16-bit inputs only) trades ~3e-4 relative error in those dots for fewer MMAs (benchmarks)."""
+    """Operand precision of the fixed (not iterated) dots: norms, readout, gradients, state passes (dots.py).
+
+    fp32 inputs: 'ieee'. bf16: 'bf16x3', hi/lo bf16 splits of the operands not exact in bf16 (1-3 bf16 MMAs per
+    product instead of tf32x3's three tf32 ones). fp16: 'tf32x3' (fp16 tiles are not exact in bf16).
+    ``GKA_TRITON_ACC=tf32|tf32x3|ieee|bf16x3`` (16-bit inputs only; bf16x3 for bf16) overrides it (benchmarks):
+    plain tf32 costs ~3e-4 relative error per product, which the ∂g sums amplify to 3e-2 (KERNEL_NOTES.md)."""
     if dtype == torch.float32:
         return 'ieee'
-    acc = os.environ.get('GKA_TRITON_ACC', 'tf32x3')
-    if acc not in ('tf32', 'tf32x3', 'ieee'):
-        raise ValueError(f'GKA_TRITON_ACC must be tf32, tf32x3 or ieee, got {acc!r}')
+    default = 'bf16x3' if dtype == torch.bfloat16 else 'tf32x3'
+    acc = os.environ.get('GKA_TRITON_ACC', default)
+    if acc not in ('tf32', 'tf32x3', 'ieee', 'bf16x3'):
+        raise ValueError(f'GKA_TRITON_ACC must be tf32, tf32x3, ieee or bf16x3, got {acc!r}')
+    if acc == 'bf16x3' and dtype != torch.bfloat16:
+        return default   # the split assumes the loaded tiles are exact in bf16
     return acc
 
 
@@ -230,8 +208,9 @@ def chunk_forward(q, k, v, g, alpha, H0, U0, num_iter: int, ridge_ratio: float, 
         T, H, NC, float(ridge_ratio), float(scale), F_MIN,
         *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(gs), *_strides3(alpha),
         *(_strides3(x) if solve else (0, 0, 0)), *_strides3(o),
-        D=D, DV=DV, C=chunk_size, N=num_iter, MODE=dot_mode(dot, q.dtype), ACC=acc_precision(q.dtype),
-        LOAD_F=False, READOUT=True, STORE_X=solve, num_warps=_num_warps(D, chunk_size),
+        D=D, DV=DV, C=chunk_size, N=num_iter, MODE=dot_mode(dot, q.dtype),
+        **solve_schedule(dot_mode(dot, q.dtype), num_iter), ACC=acc_precision(q.dtype), LOAD_F=False, READOUT=True,
+        STORE_X=solve, num_warps=_num_warps(D, chunk_size),
     )
     return o, x, f
 
@@ -250,7 +229,8 @@ def chunk_adjoint_solve(rhs: torch.Tensor, k: torch.Tensor, g: torch.Tensor, f: 
         T, H, NC, float(ridge_ratio), 1.0, F_MIN,
         *_strides3(rhs), *_strides3(k), *_strides3(rhs), *_strides3(f), *_strides3(f),
         *_strides3(u), *_strides3(u),
-        D=D, DV=D, C=chunk_size, N=num_iter, MODE=dot_mode(dot, k.dtype), ACC=acc_precision(k.dtype),
-        LOAD_F=True, READOUT=False, STORE_X=True, num_warps=_num_warps(D, chunk_size),
+        D=D, DV=D, C=chunk_size, N=num_iter, MODE=dot_mode(dot, k.dtype),
+        **solve_schedule(dot_mode(dot, k.dtype), num_iter), ACC=acc_precision(k.dtype), LOAD_F=True, READOUT=False,
+        STORE_X=True, num_warps=_num_warps(D, chunk_size),
     )
     return u

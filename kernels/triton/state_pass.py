@@ -6,7 +6,7 @@
     reverse:  R_{NC-1} = init,  R_{c-1} = last_c·R_c + scale·Σ_{τ∈c} exp(gc_τ)·a_τ x_τᵀ
               (readout gradient: a = q̃, x = do)
 and ``scan_increments`` runs the same recurrence over increments that were computed elsewhere.
-States are fp32; the per-chunk products are exact fp32 dots (they are a small part of the work).
+States are fp32; the per-chunk products are fp32-like (dots.py).
 """
 from __future__ import annotations
 
@@ -16,6 +16,8 @@ from typing import Optional, Tuple
 import torch
 import triton
 import triton.language as tl
+
+from .dots import _xdot
 
 
 @triton.jit
@@ -27,6 +29,7 @@ def _chunk_states_kernel(
         s_gb, s_gt, s_gh,
         DA: tl.constexpr, DX: tl.constexpr, C: tl.constexpr, BA: tl.constexpr, BX: tl.constexpr,
         HAS_INIT: tl.constexpr, STORE_FINAL: tl.constexpr, REVERSE: tl.constexpr, PREC: tl.constexpr,
+        X_EXACT: tl.constexpr,
 ):
     bh = tl.program_id(0).to(tl.int64)   # b·h on the axis without the 65,535 limit
     ia = tl.program_id(1)
@@ -60,19 +63,26 @@ def _chunk_states_kernel(
             w = tl.exp(glast - gc)
         A = tl.load(a_base + t[:, None] * s_at + ra[None, :], mask=tm[:, None], other=0.0).to(tl.float32)
         X = tl.load(x_base + t[:, None] * s_xt + rx[None, :], mask=tm[:, None], other=0.0).to(tl.float32)
-        inc = tl.dot(tl.trans(A * w[:, None]), X, input_precision=PREC)
+        inc = _xdot(tl.trans(A * w[:, None]), X, False, X_EXACT, PREC)
         tl.store(states_ptr + (bh * NC + c) * DA * DX + tile, cur)
         cur = tl.exp(glast) * cur + inc
     if STORE_FINAL:
         tl.store(final_ptr + bh * DA * DX + tile, cur)
 
 
-def _tile(d: int) -> int:
+def _tile(d: int, bh: int) -> int:
     """D-tile of a state program. The pass is serial over chunks, so the tile sets the parallelism: with
     64-tiles at D = 64 only B·H programs run (96 at the 1024-px vision shape, on 132 SMs), so 32-tiles (4× the
-    programs; measured on the H200 with the rest of v2 in benchmarks/KERNEL_NOTES.md). One long sequence (B·H = 6)
-    would want 16-tiles: ``GKA_TRITON_STATE_TILE=16`` (checked under the interpreter, not yet timed on the GPU)."""
-    return min(d, int(os.environ.get('GKA_TRITON_STATE_TILE', '32')))
+    programs), and 16-tiles when even those would be fewer than 256 programs (one long sequence: B·H = 6 at
+    T = 65,536 ran its forward in 6.8 ms instead of 7.6 on the H200; KERNEL_NOTES.md).
+    ``GKA_TRITON_STATE_TILE`` overrides."""
+    env = os.environ.get('GKA_TRITON_STATE_TILE')
+    if env:
+        return min(d, int(env))
+    tile = min(d, 32)
+    if bh * (d // tile) ** 2 < 256:
+        tile = min(d, 16)
+    return tile
 
 
 def chunk_states(a: torch.Tensor, x: torch.Tensor, g: torch.Tensor, init: Optional[torch.Tensor], chunk_size: int,
@@ -82,7 +92,8 @@ def chunk_states(a: torch.Tensor, x: torch.Tensor, g: torch.Tensor, init: Option
 
     Returns the per-chunk states [B·H, NC, DA, DX] fp32 (entry states forward, exit states in reverse) and the
     state after the whole pass (the final state forward, the gradient w.r.t. the initial state in reverse).
-    ``prec``: operand precision of the per-chunk dot ('ieee' exact fp32, 'tf32x3' fp32-like on tensor cores)."""
+    ``prec``: operand precision of the per-chunk dot ('ieee' exact fp32, 'tf32x3' fp32-like on tensor cores, 'bf16x3'
+    for bf16 inputs: dots.py)."""
     B, T, H, DA = a.shape
     DX = x.shape[-1]
     NC = triton.cdiv(T, chunk_size)
@@ -90,7 +101,7 @@ def chunk_states(a: torch.Tensor, x: torch.Tensor, g: torch.Tensor, init: Option
     final = torch.empty(B * H, DA, DX, device=a.device, dtype=torch.float32) if want_final else states
     if init is not None:
         init = init.to(torch.float32).reshape(B * H, DA, DX).contiguous()
-    BA, BX = _tile(DA), _tile(DX)
+    BA, BX = _tile(DA, B * H), _tile(DX, B * H)
     grid = (B * H, DA // BA, DX // BX)
     _chunk_states_kernel[grid](
         a, x, g, init if init is not None else states, states, final,
@@ -100,6 +111,7 @@ def chunk_states(a: torch.Tensor, x: torch.Tensor, g: torch.Tensor, init: Option
         g.stride(0), g.stride(1), g.stride(2),
         DA=DA, DX=DX, C=chunk_size, BA=BA, BX=BX,
         HAS_INIT=init is not None, STORE_FINAL=want_final, REVERSE=reverse, PREC=prec,
+        X_EXACT=x.dtype == torch.bfloat16,
         num_warps=4,
     )
     return states, (final if want_final else None)

@@ -1,0 +1,88 @@
+"""Tensor-core products of the kernels, in the precisions the kernels need (one place for every split).
+
+Two kinds of product:
+    * ``_mm``: the products inside the Chebyshev loop, whose right operands (H⁰, the keys) are cast once before the
+      loop (``_op``, ``_lo``);
+    * ``_xdot``: the fixed products (norms, readout, gradients, state passes), with compile-time flags saying
+      which operands hold values that are exact in bf16 (tiles loaded from bf16 inputs). In 'bf16x3' an exact
+      operand is not split, so a product of two loaded tiles is one bf16 MMA, one exact side makes it two and
+      none three: ~16 mantissa bits per operand at bf16 tensor-core speed, against tf32x3's three tf32 MMAs.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _op(a, MODE: tl.constexpr):
+    """A dot operand in the precision of MODE (cast once, outside the iteration loop)."""
+    if MODE == 2:
+        out = a.to(tl.bfloat16)
+    elif MODE == 3:
+        out = a.to(tl.float16)
+    elif MODE == 5:
+        out = a.to(tl.bfloat16)
+    else:
+        out = a
+    return out
+
+
+@triton.jit
+def _lo(a, MODE: tl.constexpr):
+    """The rounding remainder a − bf16(a), itself in bf16 (MODE 5 only; a placeholder otherwise)."""
+    if MODE == 5:
+        out = (a - a.to(tl.bfloat16).to(tl.float32)).to(tl.bfloat16)
+    else:
+        out = a
+    return out
+
+
+@triton.jit
+def _mm(a, b, b_lo, MODE: tl.constexpr, SPLIT_B: tl.constexpr, ILP: tl.constexpr = True):
+    """a @ b with fp32 accumulation, a fp32. MODE 0 exact fp32, 1 tf32, 2 bf16 operands, 3 fp16 operands,
+    4 tf32x3, 5 bf16 hi/lo split of a (and of b when SPLIT_B; b = bf16(B), b_lo = B − b): ~16 mantissa bits.
+    ILP: the partial products of MODE 5 go to separate accumulators, so the MMAs need not wait on each other."""
+    if MODE == 0:
+        out = tl.dot(a, b, input_precision='ieee')
+    elif MODE == 1:
+        out = tl.dot(a, b, input_precision='tf32')
+    elif MODE == 2:
+        out = tl.dot(a.to(tl.bfloat16), b)
+    elif MODE == 3:
+        out = tl.dot(a.to(tl.float16), b)
+    elif MODE == 4:
+        out = tl.dot(a, b, input_precision='tf32x3')
+    else:
+        a_hi = a.to(tl.bfloat16)
+        a_lo = (a - a_hi.to(tl.float32)).to(tl.bfloat16)
+        if ILP:
+            if SPLIT_B:
+                out = tl.dot(a_hi, b) + (tl.dot(a_lo, b) + tl.dot(a_hi, b_lo))
+            else:
+                out = tl.dot(a_hi, b) + tl.dot(a_lo, b)
+        else:
+            if SPLIT_B:
+                out = tl.dot(a_hi, b_lo)
+                out = tl.dot(a_lo, b, out)
+            else:
+                out = tl.dot(a_lo, b)
+            out = tl.dot(a_hi, b, out)
+    return out
+
+
+@triton.jit
+def _xdot(a, b, AX: tl.constexpr, BX: tl.constexpr, ACC: tl.constexpr):
+    """a @ b with fp32 accumulation for fp32 tiles a, b. ACC: 'ieee', 'tf32', 'tf32x3' (tl.dot's precisions) or
+    'bf16x3' (bf16 inputs only): hi/lo bf16 splits of the operands that are not exact in bf16 (AX / BX false)."""
+    if ACC == 'bf16x3':
+        a_hi = a.to(tl.bfloat16)
+        b_hi = b.to(tl.bfloat16)
+        out = tl.dot(a_hi, b_hi)
+        if not BX:
+            out += tl.dot(a_hi, (b - b_hi.to(tl.float32)).to(tl.bfloat16))
+        if not AX:
+            out += tl.dot((a - a_hi.to(tl.float32)).to(tl.bfloat16), b_hi)
+    else:
+        out = tl.dot(a, b, input_precision=ACC)
+    return out
