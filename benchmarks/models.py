@@ -114,30 +114,55 @@ def measure_cpu(name: str, repeats: int) -> Dict:
     return dict(model=name, img_size=224, batch=1, mode='infer-cpu', ms=ms, img_s=1e3 / ms)
 
 
-def profile(name: str, img_size: int, batch: int, device) -> Dict[str, float]:
-    """Splits one inference forward's CUDA time into the GKA kernels, the projections (matmuls) and the rest."""
+def _bucket(key: str) -> str:
+    key = key.lower()
+    if 'gka' in key or key.startswith(('_chunk_', '_bwd_', '_scan_increments', '_decode')):
+        return 'gka kernels'
+    if any(s in key for s in ('gemm', 'sm90', 'cutlass', 'matmul', 'nvjet')):
+        return 'matmul (projections, MLP)'
+    return 'other (glue, norms, conv)'
+
+
+def profile(name: str, img_size: int, batch: int, device, mode: str = 'infer') -> Dict:
+    """Splits one inference forward's (or one training step's) CUDA time into the GKA kernels, the projections
+    (matmuls) and the rest, and keeps the top kernels by time."""
     from torch.profiler import ProfilerActivity, profile as torch_profile
-    model = build(name, img_size, device).eval()
+    model = build(name, img_size, device)
     x = torch.randn(batch, 3, img_size, img_size, device=device)
-    with torch.inference_mode(), torch.autocast('cuda', dtype=torch.bfloat16):
-        for _ in range(3):
-            model(x)
+    if mode == 'infer':
+        model.eval()
+
+        def step():
+            with torch.inference_mode(), torch.autocast('cuda', dtype=torch.bfloat16):
+                model(x)
+    else:
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+        def step():
+            with torch.autocast('cuda', dtype=torch.bfloat16):
+                loss = model(x).float().logsumexp(-1).mean()
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
         torch.cuda.synchronize()
-        with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
-            model(x)
-            torch.cuda.synchronize()
     buckets = {'gka kernels': 0.0, 'matmul (projections, MLP)': 0.0, 'other (glue, norms, conv)': 0.0}
+    kernels = []
     for ev in prof.key_averages():
         t = ev.device_time_total if hasattr(ev, 'device_time_total') else ev.cuda_time_total
-        key = ev.key.lower()
-        if 'gka' in key or '_kernel' in key and 'cheb' in key:
-            buckets['gka kernels'] += t
-        elif any(s in key for s in ('gemm', 'sm90', 'cutlass', 'matmul', 'nvjet')):
-            buckets['matmul (projections, MLP)'] += t
-        else:
-            buckets['other (glue, norms, conv)'] += t
+        if t <= 0:
+            continue
+        buckets[_bucket(ev.key)] += t
+        kernels.append((t, ev.count, ev.key[:110]))
     total = sum(buckets.values()) or 1.0
-    return {k: round(100 * v / total, 1) for k, v in buckets.items()} | {'total_ms': total / 1e3}
+    top = [dict(ms=round(t / 1e3, 3), pct=round(100 * t / total, 1), calls=n, kernel=k)
+           for t, n, k in sorted(kernels, reverse=True)[:30]]
+    return dict(model=name, img_size=img_size, batch=batch, mode=mode, total_ms=round(total / 1e3, 3),
+                split_pct={k: round(100 * v / total, 1) for k, v in buckets.items()}, top=top)
 
 
 def markdown(rows: List[Dict], mode: str) -> str:
@@ -229,7 +254,9 @@ def main(argv: Optional[List[str]] = None):
     out.mkdir(parents=True, exist_ok=True)
 
     if args.profile:
-        res = profile(args.profile, args.img_size, INFER_BATCH.get(args.img_size, 1), 'cuda')
+        batches = dict(infer=INFER_BATCH, train=TRAIN_BATCH)
+        res = [profile(args.profile, args.img_size, batches[mode].get(args.img_size, 1), 'cuda', mode)
+               for mode in args.modes]
         print(json.dumps(res, indent=1))
         (out / f'profile_{args.profile}_{args.img_size}.json').write_text(json.dumps(res, indent=1))
         return
