@@ -8,13 +8,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ['GatedRMSNorm', 'l2_normalize', 'init_forget_gate', 'forget_gate_log_decay', 'BETA_EPS']
+__all__ = ['GatedRMSNorm', 'l2_normalize', 'init_forget_gate', 'forget_gate_log_decay', 'BETA_EPS', 'L2_EPS']
 
 # Added to β before it scales k and v, so a closed gate still leaves a (tiny) key and the Gram stays non-zero.
 BETA_EPS = 1e-6
+# Added to ‖q‖ and ‖k‖ before dividing (gka_spec.md §2 step 4).
+L2_EPS = 1e-6
 
 
-def l2_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+def l2_normalize(x: torch.Tensor, eps: float = L2_EPS) -> torch.Tensor:
     """x / (‖x‖₂ + eps) over the last dim: eps added to the norm, not clamped (gka_spec.md §2 step 4)."""
     return x / (torch.linalg.vector_norm(x.float(), dim=-1, keepdim=True) + eps).to(x.dtype)
 
@@ -57,9 +59,9 @@ class GatedRMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim, device=device, dtype=dtype))
 
     def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + self.eps)
-        return (xf * self.weight.float() * F.silu(gate.float())).to(x.dtype)
+        # fp32 statistics; F.rms_norm is one fused kernel on CUDA where torch has it
+        xf = F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps)
+        return (xf * F.silu(gate.float())).to(x.dtype)
 
     def reset_parameters(self) -> None:
         nn.init.ones_(self.weight)

@@ -152,3 +152,16 @@ def test_triton_tuning_knobs(monkeypatch):
     assert solve_schedule(5, 30) == dict(FAST=0, FAST_MODE=2, ILP=True)
     monkeypatch.setenv('GKA_TRITON_FAST_ITERS', '40')
     assert solve_schedule(5, 30)['FAST'] == 30 and solve_schedule(0, 30)['FAST'] == 0   # no split: nothing to skip
+
+
+def test_triton_segment_length(monkeypatch):
+    pytest.importorskip('triton', reason='the segment policy belongs to the Triton backend')
+    from gka_kernels.triton.config import segment_length
+    S = segment_length(16, 6, 64, 64, 4096, 32)        # gka_small at 1024 px, 8 images: ~256 MB of states
+    assert S % 32 == 0 and 2048 <= S < 4096
+    assert segment_length(256, 6, 64, 64, 196, 32) >= 64   # ≥ 4,096 (chunk, head) programs per launch
+    assert segment_length(1, 6, 64, 64, 65536, 32) >= 4096 * 32 // 6
+    monkeypatch.setenv('GKA_TRITON_SEGMENT', '0')
+    assert segment_length(16, 6, 64, 64, 4096, 32) == 4096
+    monkeypatch.setenv('GKA_TRITON_SEGMENT', '100')
+    assert segment_length(16, 6, 64, 64, 4096, 32) == 128

@@ -19,7 +19,7 @@ from timm.layers import register_notrace_module
 
 from gka_kernels import gka_chunk
 
-from ..layers import BETA_EPS, GatedRMSNorm, forget_gate_log_decay, init_forget_gate, l2_normalize
+from ..layers import BETA_EPS, L2_EPS, GatedRMSNorm, forget_gate_log_decay, init_forget_gate
 from .scan import DIRECTIONS, scan_index
 
 __all__ = ['GKAMixer']
@@ -130,28 +130,31 @@ class GKAMixer(nn.Module):
 
         qkv = self.qkv(x).permute(0, 3, 1, 2)
         qkv = F.silu(self.conv(qkv)).permute(0, 2, 3, 1).reshape(B, L, 3, H, D)
-        q, k, v = qkv.unbind(2)
-        # Normalise once, before the per-direction gather: the L2 norm commutes with the permutation.
-        qkv = torch.stack([l2_normalize(q), l2_normalize(k), v], dim=2)
+        # 1 / (‖·‖ + eps) of q and k per token and head (gka_spec.md §2 step 4), once and in row-major order: the
+        # norm commutes with the scan permutation, and normalisation and β-scaling become one multiply per stream.
+        norm_dtype = torch.float64 if qkv.dtype == torch.float64 else torch.float32
+        inv_norm = 1.0 / (torch.linalg.vector_norm(qkv[:, :, :2], dim=-1, dtype=norm_dtype) + L2_EPS)
 
         gates = self.gate_proj(x).reshape(B, L, n, 3, H)
         if idx.identity:
             qkv = qkv.reshape(B * n, L, 3, H, D)
+            inv_norm = inv_norm.reshape(B * n, L, 2, H)
             gates = gates.transpose(1, 2)
         else:
             # [B, L, ...] → [B, n·L, ...] in scan order, then batch-major stacking [B·n, L, ...] is a view.
             qkv = qkv.index_select(1, idx.gather).reshape(B * n, L, 3, H, D)
+            inv_norm = inv_norm.index_select(1, idx.gather).reshape(B * n, L, 2, H)
             dir_ids = torch.arange(n, device=x.device)[:, None]
             gates = gates[:, idx.perm, dir_ids]  # [B, n, L, 3, H]: direction j's gates at its own scan order
         ba = torch.sigmoid(gates[..., :2, :] + self.gate_bias[:, None])
         g = forget_gate_log_decay(gates[..., 2, :], self.A_log[:, None], self.dt_bias[:, None])
-        beta = (ba[..., 0, :] + BETA_EPS).reshape(B * n, L, H, 1)
-        alpha = ba[..., 1, :].reshape(B * n, L, H)
+        beta = (ba[..., 0, :] + BETA_EPS).reshape(B * n, L, H)
+        alpha = ba[..., 1, :].reshape(B * n, L, H).to(qkv.dtype)
         g = g.reshape(B * n, L, H)
-        q, k, v = qkv.unbind(2)
-        k = k * beta.to(k.dtype)
-        v = v * beta.to(v.dtype)
-        alpha = alpha.to(q.dtype)
+        dt = qkv.dtype
+        q = qkv[:, :, 0] * inv_norm[:, :, 0, :, None].to(dt)
+        k = qkv[:, :, 1] * (inv_norm[:, :, 1] * beta)[..., None].to(dt)
+        v = qkv[:, :, 2] * beta[..., None].to(dt)
 
         if q.device.type == 'meta':
             # Meta tensors carry shapes only (timm builds models on 'meta' to check structure): skip the kernel's

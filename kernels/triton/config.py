@@ -11,7 +11,7 @@ from ..validation import GKAInputError
 
 __all__ = [
     'HEAD_DIMS', 'CHUNK_SIZES', 'check_triton_inputs', 'unsupported_reason', 'pick_chunk_size', 'backward_chunk_size',
-    'solve_dot_mode', 'F_MIN',
+    'segment_length', 'solve_dot_mode', 'F_MIN',
 ]
 
 HEAD_DIMS = (32, 64, 128)
@@ -70,6 +70,21 @@ def backward_chunk_size(forward_chunk: int) -> int:
             raise GKAInputError(f'GKA_TRITON_BWD_CHUNK must be one of {CHUNK_SIZES}, got {env!r}')
         return c
     return min(forward_chunk, 16)
+
+
+def segment_length(B: int, H: int, D: int, DV: int, T: int, chunk: int) -> int:
+    """Tokens per forward segment. The forward materialises the fp32 entry states of every chunk (D·(D + DV)
+    floats per chunk and head: 4× the bytes of q, k, v together at D = 64, C = 32), so a long sequence runs in
+    segments that chain their final states, each holding at most ~256 MB of states but never fewer than 4,096
+    (chunk, head) programs per launch. Segments end on chunk boundaries, so the result is the same bit for bit.
+    ``GKA_TRITON_SEGMENT`` sets the length in tokens (rounded up to whole chunks; 0 = never segment)."""
+    env = os.environ.get('GKA_TRITON_SEGMENT')
+    if env is not None:
+        n = int(env)
+        return T if n <= 0 else -(-n // chunk) * chunk
+    per_chunk = B * H * D * (D + DV) * 4
+    chunks = max((256 << 20) // per_chunk, -(-4096 // (B * H)), 1)
+    return chunks * chunk
 
 
 def solve_dot_mode(dtype: torch.dtype) -> str:

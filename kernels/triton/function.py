@@ -7,7 +7,7 @@ import torch
 
 from ..precision import autocast_off
 from .backward import chunk_backward
-from .config import check_triton_inputs, pick_chunk_size, solve_dot_mode
+from .config import check_triton_inputs, pick_chunk_size, segment_length, solve_dot_mode
 from .solve import acc_precision, chunk_forward
 from .state_pass import chunk_states
 
@@ -21,18 +21,38 @@ def _unit_last(t: torch.Tensor) -> torch.Tensor:
 class GKATritonFunction(torch.autograd.Function):
 
     @staticmethod
-    def forward(ctx, q, k, v, g, alpha, h0, u0, num_iter, ridge_ratio, scale, chunk_size, dot):
+    def forward(ctx, q, k, v, g, alpha, h0, u0, num_iter, ridge_ratio, scale, chunk_size, dot, need_grad):
         q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
         g = g.to(torch.float32).contiguous()
         prec = acc_precision(q.dtype)
-        H0s, HT = chunk_states(k, k, g, h0, chunk_size, prec=prec)
-        U0s, UT = chunk_states(k, v, g, u0, chunk_size, prec=prec)
-        o, x, f = chunk_forward(q, k, v, g, alpha, H0s, U0s, num_iter, ridge_ratio, scale, chunk_size, dot)
+        B, T, H, D = q.shape
+        DV = v.shape[-1]
+        S = segment_length(B, H, D, DV, T, chunk_size)
+        if S >= T:
+            H0s, HT = chunk_states(k, k, g, h0, chunk_size, prec=prec)
+            U0s, UT = chunk_states(k, v, g, u0, chunk_size, prec=prec)
+            o, x, f = chunk_forward(q, k, v, g, alpha, H0s, U0s, num_iter, ridge_ratio, scale, chunk_size, dot,
+                                    store_x=need_grad)
+        else:
+            # segments chained through their final states: only one segment's chunk states exist at a time
+            solve = num_iter > 0
+            o = q.new_empty(B, T, H, DV)
+            x = q.new_empty(B, T, H, D, dtype=torch.float32) if solve and need_grad else None
+            f = torch.empty_like(g) if solve else None
+            HT, UT = h0, u0
+            for s in range(0, T, S):
+                sl = slice(s, min(T, s + S))
+                ks, gs = k[:, sl], g[:, sl]
+                H0s, HT = chunk_states(ks, ks, gs, HT, chunk_size, prec=prec)
+                U0s, UT = chunk_states(ks, v[:, sl], gs, UT, chunk_size, prec=prec)
+                seg_out = tuple(t[:, sl] if t is not None else None for t in (o, x, f))
+                chunk_forward(q[:, sl], ks, v[:, sl], gs, alpha[:, sl], H0s, U0s, num_iter, ridge_ratio, scale,
+                              chunk_size, dot, store_x=need_grad, out=seg_out)
+            del H0s, U0s
         ctx.save_for_backward(q, k, v, g, alpha, h0, u0, x, f)
         ctx.cfg = (num_iter, ridge_ratio, scale, chunk_size, dot)
         ctx.set_materialize_grads(False)
-        B, _, H, D = q.shape
-        return o, HT.view(B, H, D, D), UT.view(B, H, D, v.shape[-1])
+        return o, HT.view(B, H, D, D), UT.view(B, H, D, DV)
 
     @staticmethod
     def backward(ctx, do, dHT, dUT):
@@ -46,7 +66,7 @@ class GKATritonFunction(torch.autograd.Function):
         dq, dk, dv, dalpha = (gr.to(t.dtype) for gr, t in ((dq, q), (dk, k), (dv, v), (dalpha, alpha)))
         dh0 = dh0.to(h0.dtype) if h0 is not None and dh0 is not None and need[5] else None
         du0 = du0.to(u0.dtype) if u0 is not None and need[6] else None
-        return dq, dk, dv, dg, dalpha, dh0, du0, None, None, None, None, None
+        return dq, dk, dv, dg, dalpha, dh0, du0, None, None, None, None, None, None
 
 
 def gka_chunk_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, alpha: torch.Tensor, *,
@@ -69,6 +89,8 @@ def gka_chunk_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch
         zv = q.new_zeros(B, H, D, DV, dtype=torch.float32) if u0 is None else u0.to(torch.float32)
         return o, (zk, zv)
     C = pick_chunk_size(chunk_size, D)
+    # x (the solve output) is kept for the backward only; without autograd the forward does not write it
+    need_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, g, alpha, h0, u0))
     o, hT, uT = GKATritonFunction.apply(q, k, v, g, alpha, h0, u0, int(num_iter), float(ridge_ratio), scale, C,
-                                        solve_dot_mode(q.dtype))
+                                        solve_dot_mode(q.dtype), need_grad)
     return o, ((hT, uT) if output_final_state else None)

@@ -189,28 +189,35 @@ def _num_warps(D: int, C: int) -> int:
 
 
 def chunk_forward(q, k, v, g, alpha, H0, U0, num_iter: int, ridge_ratio: float, scale: float, chunk_size: int,
-                  dot: str) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+                  dot: str, store_x: bool = True, out: Optional[Tuple] = None,
+                  ) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
     """q, k [B, T, H, D], v [B, T, H, DV], g/alpha [B, T, H]; H0, U0 the chunk-entry states [B·H, NC, D, D|DV].
 
-    Returns o [B, T, H, DV] (dtype of q), the solve output x [B, T, H, D] fp32 and f [B, T, H] fp32 (both None
-    when num_iter = 0)."""
+    Returns o [B, T, H, DV] (dtype of q), the solve output x [B, T, H, D] fp32 (None when num_iter = 0 or not
+    ``store_x``: only the backward reads it) and f [B, T, H] fp32 (None when num_iter = 0).
+    ``out``: (o, x, f) views of longer tensors to write into instead (one segment of a sequence); f must then have
+    the strides of g."""
     B, T, H, D = q.shape
     DV = v.shape[-1]
     NC = triton.cdiv(T, chunk_size)
-    o = torch.empty(B, T, H, DV, device=q.device, dtype=q.dtype)
     solve = num_iter > 0
-    x = torch.empty(B, T, H, D, device=q.device, dtype=torch.float32) if solve else None
-    f = torch.empty(B, T, H, device=q.device, dtype=torch.float32) if solve else None
-    gs = g if g.stride() == (T * H, H, 1) or not solve else g.contiguous()
+    if out is None:
+        o = torch.empty(B, T, H, DV, device=q.device, dtype=q.dtype)
+        x = torch.empty(B, T, H, D, device=q.device, dtype=torch.float32) if solve and store_x else None
+        gs = g if g.stride() == (T * H, H, 1) or not solve else g.contiguous()
+        f = torch.empty(B, T, H, device=q.device, dtype=torch.float32) if solve else None
+    else:
+        (o, x, f), gs = out, g
+        assert f is None or f.stride() == gs.stride()
     _chunk_solve_kernel[(B * H, NC)](
         q, k, v, gs, alpha, H0, U0, _omegas(num_iter, ridge_ratio, q.device),
-        f if solve else gs, x if solve else o, o,
+        f if solve else gs, x if x is not None else o, o,
         T, H, NC, float(ridge_ratio), float(scale), F_MIN,
         *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(gs), *_strides3(alpha),
-        *(_strides3(x) if solve else (0, 0, 0)), *_strides3(o),
+        *(_strides3(x) if x is not None else (0, 0, 0)), *_strides3(o),
         D=D, DV=DV, C=chunk_size, N=num_iter, MODE=dot_mode(dot, q.dtype),
         **solve_schedule(dot_mode(dot, q.dtype), num_iter), ACC=acc_precision(q.dtype), LOAD_F=False, READOUT=True,
-        STORE_X=solve, num_warps=_num_warps(D, chunk_size),
+        STORE_X=x is not None, num_warps=_num_warps(D, chunk_size),
     )
     return o, x, f
 
