@@ -25,6 +25,7 @@ LM head only touch the query positions.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import time
@@ -38,6 +39,7 @@ from lm_common import build_lm, env_info, finish, is_oom, markdown_table, pyplot
 from gka_vision.lm import GKAConfig
 from gka_vision.lm.model import IGNORE_INDEX
 
+RUN_OVERHEAD_S = 3.0
 MODELS = {  # name -> (kind, num_iter)
     'GKA (N=30)': ('gka', 30),
     'GKA N=0 (GLA readout)': ('gka', 0),
@@ -253,6 +255,7 @@ def parse_args(argv=None):
                    help='GKA kernel backend (sets GKA_BACKEND); default: triton on CUDA when available, else torch')
     p.add_argument('--device', default=None, help='default: cuda if available, else cpu')
     p.add_argument('--no-amp', action='store_true', help='fp32 instead of bf16 autocast on CUDA')
+    p.add_argument('--replot', nargs='+', metavar='JSON', help='no training: table and plot from earlier results')
     if p.parse_known_args(argv)[0].quick:  # tiny defaults; flags given explicitly still win
         p.set_defaults(widths=[32, 64], pairs=[4, 8], seq_len=64, vocab=128, head_dim=16, batch=16, steps=30,
                        budget_s=0.0, eval_batches=2, calib_warmup=1, calib_steps=1)
@@ -261,6 +264,8 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.replot:
+        return replot(args.replot, args)
     if args.backend:
         os.environ['GKA_BACKEND'] = args.backend
     # The forget gate is <= 0 by construction; skip the kernels' value check (a device sync per layer and step).
@@ -270,13 +275,15 @@ def main(argv=None) -> int:
     if device.type == 'cuda':
         torch.backends.cuda.matmul.allow_tf32 = True
     t_start = time.perf_counter()
+    os.makedirs(args.out, exist_ok=True)
     runs = [(name, w) for w in args.widths for name in args.models]
 
     calib = calibrate(runs, args, device, amp_dtype)
     per_step = sum(v for v in calib.values() if isinstance(v, float))
     steps = args.steps
     if args.budget_s > 0 and per_step > 0:
-        steps = max(1, min(steps, int(args.budget_s / per_step)))
+        # ~3 s per run go to building, the first launches and the evaluation (measured on the H200)
+        steps = max(1, min(steps, int((args.budget_s - RUN_OVERHEAD_S * len(runs)) / per_step)))
     calib_s = time.perf_counter() - t_start
     print(f'calibration {calib_s:.1f}s; seconds/step: '
           + ', '.join(f'{n}@{w}={v if isinstance(v, str) else round(v, 4)}' for (n, w), v in calib.items())
@@ -291,20 +298,43 @@ def main(argv=None) -> int:
         results.append(rec)
         acc = rec.get('accuracy', rec.get('error'))
         print(f'{name} width {width}: {acc} ({rec.get("train_s", "-")} s)', flush=True)
+        # a run stopped by an outer time limit still leaves what it measured (mqar.py --replot reads it)
+        with open(os.path.join(args.out, 'mqar.partial.json'), 'w') as fh:
+            json.dump({'args': vars(args), 'steps': steps, 'results': results}, fh, indent=1)
 
-    headers = ['model', 'width', 'params'] + [f'acc {n} pairs' for n in args.pairs] + ['train s']
-    rows = []
-    for r in results:
-        accs = [f'{r["accuracy"][n]:.3f}' if 'accuracy' in r else r.get('error', '')[:40] for n in args.pairs]
-        rows.append([r['model'], r['width'], f'{r.get("params", 0) / 1e6:.2f}M'] + accs + [r.get('train_s', '-')])
-    table = markdown_table(headers, rows)
     setup = (f'MQAR, T={args.seq_len}, vocab {args.vocab}, {len(args.widths)} widths x {len(args.models)} models, '
              f'2 layers, head dim {args.head_dim}, batch {args.batch}, {steps} steps (pair counts in turn), '
              f'AdamW lr {args.lr} cosine, bf16 autocast: {amp_dtype is not None}, device {device}')
     payload = {'setup': setup, 'args': vars(args), 'steps': steps, 'env': env_info(device),
                'calibration_s_per_step': {f'{n}@{w}': v for (n, w), v in calib.items()}, 'results': results,
                'total_s': round(time.perf_counter() - t_start, 1)}
+    return report(results, args, setup, payload)
+
+
+def report(results: List[Dict], args, setup: str, payload: Dict) -> int:
+    headers = ['model', 'width', 'params'] + [f'acc {n} pairs' for n in args.pairs] + ['train s']
+    rows = []
+    for r in results:
+        accs = [f'{r["accuracy"][n]:.3f}' if 'accuracy' in r else r.get('error', '')[:40] for n in args.pairs]
+        rows.append([r['model'], r['width'], f'{r.get("params", 0) / 1e6:.2f}M'] + accs + [r.get('train_s', '-')])
+    table = markdown_table(headers, rows)
     return finish(args.out, 'mqar', payload, setup, table, lambda png: plot(results, args, png))
+
+
+def replot(paths: List[str], args) -> int:
+    """Table, JSON and plot from the results of earlier runs (mqar.json or mqar.partial.json files; for a (model,
+    width) measured twice the later file wins), e.g. a sweep finished in two device calls."""
+    merged: Dict = {}
+    for path in paths:
+        with open(path) as fh:
+            for r in json.load(fh)['results']:
+                if 'accuracy' in r:   # JSON keys are strings
+                    r['accuracy'] = {int(n): acc for n, acc in r['accuracy'].items()}
+                merged[(r['model'], r['width'])] = r
+    results = [merged[key] for key in sorted(merged, key=lambda k: (k[1], list(MODELS).index(k[0])))]
+    args.widths = sorted({r['width'] for r in results})
+    setup = f'MQAR results merged from {", ".join(os.path.basename(p) for p in paths)} (each file states its setup)'
+    return report(results, args, setup, {'setup': setup, 'sources': paths, 'results': results})
 
 
 if __name__ == '__main__':

@@ -79,3 +79,14 @@ def test_benchmark_scripts_smoke(tmp_path, monkeypatch):
     res = json.loads((tmp_path / 'm' / 'mqar.json').read_text())
     assert len(res['results']) == 3 and all('accuracy' in r for r in res['results']), res['results']
     assert (tmp_path / 'm' / 'mqar.md').read_text().count('\n') >= 5
+    # every finished model is on disk before the sweep ends; --replot merges runs (the later file wins)
+    partial = json.loads((tmp_path / 'm' / 'mqar.partial.json').read_text())
+    assert len(partial['results']) == 3
+    first = res['results'][0]
+    first['accuracy'] = {n: 0.5 for n in first['accuracy']}
+    (tmp_path / 'later.json').write_text(json.dumps({'results': [first]}))
+    assert mqar.main(['--quick', '--replot', str(tmp_path / 'm' / 'mqar.json'), str(tmp_path / 'later.json'),
+                      '--out', str(tmp_path / 'r')]) == 0
+    merged = json.loads((tmp_path / 'r' / 'mqar.json').read_text())['results']
+    assert len(merged) == 3 and [r['accuracy'] for r in merged if r['model'] == first['model']] == [
+        {'4': 0.5, '8': 0.5}]
