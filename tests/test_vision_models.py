@@ -51,6 +51,23 @@ def test_forward_and_grad_checkpointing(name):
     torch.testing.assert_close(y2, y, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize('name', TINY_NAMES)
+def test_grad_checkpointing_gives_the_same_gradients(name):
+    """Training with set_grad_checkpointing (timm's non-reentrant checkpoint, which lets each saved tensor be
+    unpacked once) recomputes the blocks in the backward and must give the same gradients."""
+    torch.manual_seed(0)
+    m = _small(name, num_classes=10).train()
+    x = torch.randn(2, 3, 32, 32)
+    grads = []
+    for ckpt in (False, True):
+        m.zero_grad(set_to_none=True)
+        m.set_grad_checkpointing(ckpt)
+        m(x).square().mean().backward()
+        grads.append({n: p.grad.clone() for n, p in m.named_parameters()})
+    for n, g in grads[0].items():
+        torch.testing.assert_close(grads[1][n], g, rtol=1e-4, atol=1e-6, msg=n)
+
+
 @pytest.mark.parametrize('name', MODEL_NAMES)
 def test_backward_reaches_every_parameter(name):
     m = _small(name, num_classes=42).train()

@@ -57,12 +57,14 @@ class GKAChunkFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do, dHT, dUT):
-        with autocast_off(ctx.saved_tensors[0].device.type):
-            return GKAChunkFunction._backward(ctx, do, dHT, dUT)
+        # saved_tensors is read exactly once: non-reentrant activation checkpointing allows one unpack per tensor
+        saved = ctx.saved_tensors
+        with autocast_off(saved[0].device.type):
+            return GKAChunkFunction._backward(ctx, saved, do, dHT, dUT)
 
     @staticmethod
-    def _backward(ctx, do, dHT, dUT):
-        q, k, v, g, alpha, h0, u0, X, f, live = ctx.saved_tensors
+    def _backward(ctx, saved, do, dHT, dUT):
+        q, k, v, g, alpha, h0, u0, X, f, live = saved
         num_iter, r, scale, chunk_size, T = ctx.cfg
         Q, K, V, A, d, Hinc, Uinc = _prepare(q, k, v, g, alpha, chunk_size)
         H0, HT = forward_states(Hinc, d.last, h0)
