@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Everything the GPU machine has to check and time (the device lease is short).
-#   bash benchmarks/gpu_suite.sh [stage ...]     stages: setup tests kernels models lm demo   (default: all but demo)
+#   bash benchmarks/gpu_suite.sh [stage ...]     stages: setup tests kernels schedule models compiled lm demo
+#                                               (default: setup tests kernels models lm)
 # One device call may run 10 minutes, so run the stages in three calls, each starting with setup:
 #   setup tests kernels   (~6 min)      setup models   (~6 min)      setup lm   (~8 min)
 # Writes logs, JSON, markdown and PNGs under $OUT (default benchmarks/results). Each stage has its own time limit
@@ -35,6 +36,10 @@ for s in "${stages[@]}"; do
     tests)   run_stage tests 240 python3 -m pytest -q -m gpu tests ;;
     kernels) run_stage kernels 180 python3 benchmarks/kernels.py --out "$OUT" ;;
     models)  run_stage models 300 python3 benchmarks/models.py --out "$OUT" ;;
+    compiled)  # torch.compile on the whole model (the GKA kernel stays fenced): the glue fused by inductor
+             run_stage compiled 300 python3 benchmarks/models.py --out "$OUT/compiled" --compile --budget-s 240 \
+               --models gka_small deit_small_patch16_224 gka_small_alt --sizes 224 1024 2048 ;;
+    schedule) run_stage schedule 200 python3 benchmarks/gpu_kernels_check.py --only schedule ;;
     lm)      run_stage mqar 330 python3 benchmarks/mqar.py --out "$OUT" --budget-s 240
              run_stage decode 150 python3 benchmarks/decode.py --out "$OUT" ;;
     demo)
