@@ -155,6 +155,7 @@ class GKAMixer(nn.Module):
         q = qkv[:, :, 0] * inv_norm[:, :, 0, :, None].to(dt)
         k = qkv[:, :, 1] * (inv_norm[:, :, 1] * beta)[..., None].to(dt)
         v = qkv[:, :, 2] * beta[..., None].to(dt)
+        del qkv   # without autograd the gathered copy (n × 3 streams) is freed before the kernel runs
 
         if q.device.type == 'meta':
             # Meta tensors carry shapes only (timm builds models on 'meta' to check structure): skip the kernel's
