@@ -311,3 +311,58 @@ def test_triton_specific_input_errors():
 def test_is_available_in_interpreter():
     from gka_kernels.triton import is_available
     assert is_available()
+
+
+@cases
+@pytest.mark.parametrize('directions', [('row',), ('row', 'row_rev'), ('row', 'row_rev', 'col', 'col_rev')])
+def test_fused_merge_norm_matches_torch(directions):
+    """The vision mixer's fused output glue (sum of the directions in row-major order + gated RMSNorm, forward and
+    backward) equals the PyTorch composition, on a grid whose token count is not a multiple of the kernel's block."""
+    from gka_vision.layers import GatedRMSNorm
+    from gka_vision.models.merge_norm import merge_norm
+    from gka_vision.models.scan import scan_index
+    torch.manual_seed(0)
+    B, Hg, Wg, H, D = 2, 5, 7, 3, 16
+    L, n = Hg * Wg, len(directions)
+    idx = scan_index(directions, Hg, Wg, 'cpu')
+    norm = GatedRMSNorm(D)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    o = torch.randn(B, n * L, H * D, requires_grad=True)
+    z = torch.randn(B, L, H * D, requires_grad=True)
+    dy = torch.randn(B, L, H * D)
+    scatter = None if idx.identity else idx.scatter
+    got = merge_norm(o, scatter, z, norm.weight, n, D, norm.eps)
+    got.backward(dy)
+    g_fused = [t.grad.clone() for t in (o, z, norm.weight)]
+    for t in (o, z, norm.weight):
+        t.grad = None
+    src = o if idx.identity else o.index_select(1, idx.scatter)
+    ref = norm(src.reshape(B, n, L, H, D).sum(1), z.reshape(B, L, H, D)).reshape(B, L, H * D)
+    ref.backward(dy)
+    assert rel_rmse(got, ref) < 1e-6
+    for name, a, t in zip(('do', 'dz', 'dweight'), g_fused, (o, z, norm.weight)):
+        assert rel_rmse(a, t.grad) < 1e-5, f'{name}: {rel_rmse(a, t.grad):.2e}'
+
+
+@cases
+def test_mixer_with_fused_merge_norm():
+    """GKA_FUSED_NORM=1 changes only how the mixer computes its output glue."""
+    import timm
+    import gka_vision  # noqa: F401
+    torch.manual_seed(0)
+    m = timm.create_model('gka_tiny_cross', img_size=32, patch_size=8, depth=1, num_iter=4, num_classes=5)
+    x = torch.randn(2, 3, 32, 32)
+    outs = []
+    for flag in ('0', '1'):
+        os.environ['GKA_FUSED_NORM'] = flag
+        try:
+            m.zero_grad(set_to_none=True)
+            y = m(x)
+            y.square().sum().backward()
+            outs.append((y.detach(), {k: p.grad.clone() for k, p in m.named_parameters()}))
+        finally:
+            del os.environ['GKA_FUSED_NORM']
+    assert rel_rmse(outs[1][0], outs[0][0]) < 1e-5
+    for k, gr in outs[0][1].items():
+        assert rel_rmse(outs[1][1][k], gr) < 1e-4, k

@@ -10,6 +10,7 @@ Differences from the language-model layer of the spec, and why:
 from __future__ import annotations
 
 import math
+import os
 from typing import Optional, Sequence
 
 import torch
@@ -34,6 +35,14 @@ def _gka_kernel(q, k, v, g, alpha, num_iter: int, ridge_ratio: float, backend: O
     # g = -exp(A_log)·softplus(·) ≤ 0 by construction: skip the value check and its device sync
     return gka_chunk(q, k, v, g, alpha, num_iter=num_iter, ridge_ratio=ridge_ratio, backend=backend,
                      check_values=False)
+
+
+def _fused_norm(o: torch.Tensor, head_dim: int) -> bool:
+    # opt-in (GKA_FUSED_NORM=1) until timed on the GPU; triton is imported only then
+    if os.environ.get('GKA_FUSED_NORM', '0') != '1':
+        return False
+    from .merge_norm import fused_merge_norm_enabled
+    return fused_merge_norm_enabled(o, head_dim)
 
 
 @register_notrace_module  # an FX leaf: its shapes drive Python-side index caches and the opaque kernel call
@@ -165,10 +174,12 @@ class GKAMixer(nn.Module):
             o = _gka_kernel(q, k, v, g, alpha, self.num_iter, self.ridge_ratio, self.backend)
 
         o = o.reshape(B, n * L, H * D)
-        if not idx.identity:
-            o = o.index_select(1, idx.scatter)
-        o = o.reshape(B, n, L, H, D).sum(1)
-
-        z = self.out_gate(x).reshape(B, L, H, D)
-        o = self.norm(o, z).reshape(B, Hg, Wg, H * D)
-        return self.proj_drop(self.proj(o))
+        z = self.out_gate(x).reshape(B, L, H * D)
+        if _fused_norm(o, D):
+            from .merge_norm import merge_norm
+            o = merge_norm(o, None if idx.identity else idx.scatter, z, self.norm.weight, n, D, self.norm.eps)
+        else:
+            if not idx.identity:
+                o = o.index_select(1, idx.scatter)
+            o = self.norm(o.reshape(B, n, L, H, D).sum(1), z.reshape(B, L, H, D))
+        return self.proj_drop(self.proj(o.reshape(B, Hg, Wg, H * D)))

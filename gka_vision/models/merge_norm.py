@@ -1,0 +1,149 @@
+"""The mixer's output glue as one Triton kernel each way: the sum of the scan directions' outputs back in row-major
+order, then the gated RMSNorm (``GatedRMSNorm``).
+
+In PyTorch this is an index_select, a sum and five fp32 elementwise passes over [B, L, H·D] (a third of the glue
+time of gka_small on the H200, benchmarks/KERNEL_NOTES.md); here one program reads the n direction rows of a token
+block and head once and writes y once. The backward recomputes the sum and writes each direction's gradient row to
+the position it came from (the scatter index is a permutation, so no row is written twice).
+
+Opt-in (``GKA_FUSED_NORM=1``) until timed on the GPU; the tests check it against the PyTorch path under
+``TRITON_INTERPRET=1``.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+
+__all__ = ['merge_norm', 'fused_merge_norm_enabled']
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # gka_vision runs without triton (CPU, non-Linux); the fused path is then never enabled
+    triton = None
+
+
+def fused_merge_norm_enabled(t: torch.Tensor, head_dim: int) -> bool:
+    """Whether ``GKAMixer`` takes the fused path for a tensor on this device and head dim."""
+    if os.environ.get('GKA_FUSED_NORM', '0') != '1' or triton is None:
+        return False
+    if head_dim < 16 or head_dim & (head_dim - 1):   # a power-of-two tile per head
+        return False
+    return t.is_cuda or os.environ.get('TRITON_INTERPRET') == '1'
+
+
+if triton is not None:
+    @triton.jit
+    def _fwd(o_ptr, idx_ptr, z_ptr, w_ptr, y_ptr, rstd_ptr, L, H, eps,
+             D: tl.constexpr, NDIR: tl.constexpr, BT: tl.constexpr, HAS_IDX: tl.constexpr):
+        pt = tl.program_id(0)
+        h = tl.program_id(1)
+        b = tl.program_id(2).to(tl.int64)
+        p = pt * BT + tl.arange(0, BT)
+        pm = p < L
+        rd = tl.arange(0, D)
+        HD = H * D
+        s = tl.zeros([BT, D], dtype=tl.float32)
+        for j in tl.static_range(NDIR):
+            if HAS_IDX:
+                src = tl.load(idx_ptr + j * L + p, mask=pm, other=0).to(tl.int64)
+            else:
+                src = (j * L + p).to(tl.int64)
+            rows = b * NDIR * L + src
+            s += tl.load(o_ptr + rows[:, None] * HD + h * D + rd[None, :], mask=pm[:, None], other=0.0).to(tl.float32)
+        rstd = 1.0 / tl.sqrt(tl.sum(s * s, 1) / D + eps)
+        tok = b * L + p
+        zz = tl.load(z_ptr + tok[:, None] * HD + h * D + rd[None, :], mask=pm[:, None], other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + rd).to(tl.float32)
+        y = s * rstd[:, None] * w[None, :] * (zz * tl.sigmoid(zz))
+        tl.store(y_ptr + tok[:, None] * HD + h * D + rd[None, :], y.to(y_ptr.dtype.element_ty), mask=pm[:, None])
+        tl.store(rstd_ptr + tok * H + h, rstd, mask=pm)
+
+    @triton.jit
+    def _bwd(o_ptr, idx_ptr, z_ptr, w_ptr, rstd_ptr, dy_ptr, do_ptr, dz_ptr, dw_ptr, L, H,
+             D: tl.constexpr, NDIR: tl.constexpr, BT: tl.constexpr, HAS_IDX: tl.constexpr):
+        pt = tl.program_id(0)
+        h = tl.program_id(1)
+        b = tl.program_id(2).to(tl.int64)
+        p = pt * BT + tl.arange(0, BT)
+        pm = p < L
+        rd = tl.arange(0, D)
+        HD = H * D
+        s = tl.zeros([BT, D], dtype=tl.float32)
+        for j in tl.static_range(NDIR):
+            if HAS_IDX:
+                src = tl.load(idx_ptr + j * L + p, mask=pm, other=0).to(tl.int64)
+            else:
+                src = (j * L + p).to(tl.int64)
+            rows = b * NDIR * L + src
+            s += tl.load(o_ptr + rows[:, None] * HD + h * D + rd[None, :], mask=pm[:, None], other=0.0).to(tl.float32)
+        tok = b * L + p
+        rstd = tl.load(rstd_ptr + tok * H + h, mask=pm, other=0.0)
+        zz = tl.load(z_ptr + tok[:, None] * HD + h * D + rd[None, :], mask=pm[:, None], other=0.0).to(tl.float32)
+        dy = tl.load(dy_ptr + tok[:, None] * HD + h * D + rd[None, :], mask=pm[:, None], other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + rd).to(tl.float32)
+        xhat = s * rstd[:, None]
+        sig = tl.sigmoid(zz)
+        a = xhat * w[None, :]
+        dz = dy * a * sig * (1.0 + zz * (1.0 - sig))
+        tl.store(dz_ptr + tok[:, None] * HD + h * D + rd[None, :], dz.to(dz_ptr.dtype.element_ty), mask=pm[:, None])
+        dxhat = dy * (zz * sig) * w[None, :]
+        # per-program partial of the weight gradient; summed over programs on the host
+        pid = (b * H + h) * tl.num_programs(0) + pt
+        tl.store(dw_ptr + pid * D + rd, tl.sum(dy * (zz * sig) * xhat, 0))
+        ds = rstd[:, None] * (dxhat - xhat * (tl.sum(dxhat * xhat, 1) / D)[:, None])
+        for j in tl.static_range(NDIR):
+            if HAS_IDX:
+                src = tl.load(idx_ptr + j * L + p, mask=pm, other=0).to(tl.int64)
+            else:
+                src = (j * L + p).to(tl.int64)
+            rows = b * NDIR * L + src
+            tl.store(do_ptr + rows[:, None] * HD + h * D + rd[None, :], ds.to(do_ptr.dtype.element_ty),
+                     mask=pm[:, None])
+
+_BT = 32
+
+
+class _MergeNorm(torch.autograd.Function):
+
+    @staticmethod
+    def forward(ctx, o, idx, z, weight, ndir: int, head_dim: int, eps: float):
+        B, nL, HD = o.shape
+        L, H = nL // ndir, HD // head_dim
+        y = torch.empty_like(z)
+        rstd = torch.empty(B, L, H, device=o.device, dtype=torch.float32)
+        grid = (-(-L // _BT), H, B)
+        _fwd[grid](o, idx if idx is not None else o, z, weight, y, rstd, L, H, float(eps),
+                  D=head_dim, NDIR=ndir, BT=_BT, HAS_IDX=idx is not None)
+        ctx.save_for_backward(o, idx, z, weight, rstd)
+        ctx.cfg = (ndir, head_dim)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        o, idx, z, weight, rstd = ctx.saved_tensors
+        ndir, D = ctx.cfg
+        B, nL, HD = o.shape
+        L, H = nL // ndir, HD // D
+        grid = (-(-L // _BT), H, B)
+        do = torch.empty_like(o)
+        dz = torch.empty_like(z)
+        dw = torch.empty(grid[0] * H * B, D, device=o.device, dtype=torch.float32)
+        _bwd[grid](o, idx if idx is not None else o, z, weight, rstd, dy.contiguous(), do, dz, dw, L, H,
+                  D=D, NDIR=ndir, BT=_BT, HAS_IDX=idx is not None)
+        return do, None, dz, dw.sum(0).to(weight.dtype), None, None, None
+
+
+def merge_norm(o: torch.Tensor, scatter: Optional[torch.Tensor], z: torch.Tensor, weight: torch.Tensor,
+               ndir: int, head_dim: int, eps: float) -> torch.Tensor:
+    """y[b, p] = RMSNorm(Σ_j o[b, scatter[j·L + p]]) · weight ⊙ SiLU(z[b, p]) per head of ``head_dim``.
+
+    o: [B, n·L, H·D] the stacked directions' outputs (contiguous); scatter: [n·L] int64 or None (identity);
+    z: [B, L, H·D] contiguous; weight: [D]. Returns y like z."""
+    if not (o.is_contiguous() and z.is_contiguous()):
+        raise ValueError('merge_norm takes contiguous o and z')
+    if o.shape[1] != ndir * z.shape[1] or o.shape[2] != z.shape[2] or z.shape[2] % head_dim:
+        raise ValueError(f'merge_norm: o {list(o.shape)} must be [B, n·L, H·D] for z {list(z.shape)} and n = {ndir}')
+    return _MergeNorm.apply(o, scatter, z, weight, ndir, head_dim, eps)
