@@ -145,11 +145,11 @@ def evaluate(model, args, device, amp_dtype, num_pairs: int) -> float:
     return correct / max(1, total)
 
 
-def build(name: str, width: int, args, device):
+def build(name: str, width: int, args, device, lr: Optional[float] = None):
     kind, num_iter = MODELS[name]
     torch.manual_seed(args.seed)
     model = build_lm(kind, make_config(width, args, num_iter)).to(device).train()
-    return model, make_optimizer(model, args.lr, args.weight_decay)
+    return model, make_optimizer(model, args.lr[0] if lr is None else lr, args.weight_decay)
 
 
 def calibrate(runs, args, device, amp_dtype) -> Dict:
@@ -169,17 +169,17 @@ def calibrate(runs, args, device, amp_dtype) -> Dict:
     return out
 
 
-def train_one(name: str, width: int, steps: int, args, device, amp_dtype) -> Dict:
-    rec: Dict = {'model': name, 'width': width, 'steps': steps}
+def train_one(name: str, width: int, steps: int, args, device, amp_dtype, lr: float) -> Dict:
+    rec: Dict = {'model': name, 'width': width, 'steps': steps, 'lr': lr}
     try:
-        model, opt = build(name, width, args, device)
+        model, opt = build(name, width, args, device, lr)
         rec['params'] = model.num_parameters()
         g = torch.Generator(device=device).manual_seed(args.seed)
         t0 = time.perf_counter()
         losses = []
         for step in range(steps):
             for group in opt.param_groups:
-                group['lr'] = lr_at(step, steps, args.lr)
+                group['lr'] = lr_at(step, steps, lr)
             inputs, labels = mqar_batch(args.batch, args.seq_len, args.pairs[step % len(args.pairs)], args.vocab,
                                         args.power_a, g, device)
             loss = loss_fn(model, inputs, labels, amp_dtype, device)
@@ -243,7 +243,8 @@ def parse_args(argv=None):
     p.add_argument('--steps', type=int, default=4000, help='steps per model (upper bound; see --budget-s)')
     p.add_argument('--budget-s', type=float, default=300.0,
                    help='training-time budget for the whole sweep; lowers --steps to fit (0 = no limit)')
-    p.add_argument('--lr', type=float, default=3e-3)
+    p.add_argument('--lr', type=float, nargs='+', default=[3e-3],
+                   help='peak learning rates; with several, each model trains once per rate and reports its best')
     p.add_argument('--weight-decay', type=float, default=0.1)
     p.add_argument('--power-a', type=float, default=0.01, help='query-gap power law exponent (Zoology: 0.01)')
     p.add_argument('--eval-batches', type=int, default=4)
@@ -283,7 +284,8 @@ def main(argv=None) -> int:
     steps = args.steps
     if args.budget_s > 0 and per_step > 0:
         # ~3 s per run go to building, the first launches and the evaluation (measured on the H200)
-        steps = max(1, min(steps, int((args.budget_s - RUN_OVERHEAD_S * len(runs)) / per_step)))
+        n_lr = len(args.lr)
+        steps = max(1, min(steps, int((args.budget_s - RUN_OVERHEAD_S * len(runs) * n_lr) / (per_step * n_lr))))
     calib_s = time.perf_counter() - t_start
     print(f'calibration {calib_s:.1f}s; seconds/step: '
           + ', '.join(f'{n}@{w}={v if isinstance(v, str) else round(v, 4)}' for (n, w), v in calib.items())
@@ -294,17 +296,24 @@ def main(argv=None) -> int:
         if isinstance(calib[(name, width)], str):
             results.append({'model': name, 'width': width, 'steps': 0, 'error': calib[(name, width)]})
             continue
-        rec = train_one(name, width, steps, args, device, amp_dtype)
+        # Zoology's protocol: every model gets the same learning-rate sweep and reports its best run
+        tried = [train_one(name, width, steps, args, device, amp_dtype, lr) for lr in args.lr]
+        ok = [r for r in tried if 'accuracy' in r]
+        rec = max(ok, key=lambda r: sum(r['accuracy'].values())) if ok else tried[0]
+        if len(tried) > 1:
+            rec['lr_sweep'] = {r['lr']: r.get('accuracy', r.get('error')) for r in tried}
         results.append(rec)
         acc = rec.get('accuracy', rec.get('error'))
-        print(f'{name} width {width}: {acc} ({rec.get("train_s", "-")} s)', flush=True)
+        print(f'{name} width {width}: {acc} at lr {rec["lr"]} ({rec.get("train_s", "-")} s)'
+              + (f'; sweep {rec["lr_sweep"]}' if len(tried) > 1 else ''), flush=True)
         # a run stopped by an outer time limit still leaves what it measured (mqar.py --replot reads it)
         with open(os.path.join(args.out, 'mqar.partial.json'), 'w') as fh:
             json.dump({'args': vars(args), 'steps': steps, 'results': results}, fh, indent=1)
 
     setup = (f'MQAR, T={args.seq_len}, vocab {args.vocab}, {len(args.widths)} widths x {len(args.models)} models, '
              f'2 layers, head dim {args.head_dim}, batch {args.batch}, {steps} steps (pair counts in turn), '
-             f'AdamW lr {args.lr} cosine, bf16 autocast: {amp_dtype is not None}, device {device}')
+             f'AdamW lr {"/".join(str(x) for x in args.lr)} (best per model) cosine, '
+             f'bf16 autocast: {amp_dtype is not None}, device {device}')
     payload = {'setup': setup, 'args': vars(args), 'steps': steps, 'env': env_info(device),
                'calibration_s_per_step': {f'{n}@{w}': v for (n, w), v in calib.items()}, 'results': results,
                'total_s': round(time.perf_counter() - t_start, 1)}
@@ -312,11 +321,12 @@ def main(argv=None) -> int:
 
 
 def report(results: List[Dict], args, setup: str, payload: Dict) -> int:
-    headers = ['model', 'width', 'params'] + [f'acc {n} pairs' for n in args.pairs] + ['train s']
+    headers = ['model', 'width', 'params', 'lr'] + [f'acc {n} pairs' for n in args.pairs] + ['train s']
     rows = []
     for r in results:
         accs = [f'{r["accuracy"][n]:.3f}' if 'accuracy' in r else r.get('error', '')[:40] for n in args.pairs]
-        rows.append([r['model'], r['width'], f'{r.get("params", 0) / 1e6:.2f}M'] + accs + [r.get('train_s', '-')])
+        rows.append([r['model'], r['width'], f'{r.get("params", 0) / 1e6:.2f}M', r.get('lr', '-')] + accs
+                    + [r.get('train_s', '-')])
     table = markdown_table(headers, rows)
     return finish(args.out, 'mqar', payload, setup, table, lambda png: plot(results, args, png))
 

@@ -79,6 +79,13 @@ def test_benchmark_scripts_smoke(tmp_path, monkeypatch):
     res = json.loads((tmp_path / 'm' / 'mqar.json').read_text())
     assert len(res['results']) == 3 and all('accuracy' in r for r in res['results']), res['results']
     assert (tmp_path / 'm' / 'mqar.md').read_text().count('\n') >= 5
+    # a learning-rate sweep keeps each model's best run (Zoology's protocol)
+    assert mqar.main(['--quick', '--widths', '32', '--steps', '3', '--lr', '1e-3', '3e-2', '--models', 'Attention',
+                      '--out', str(tmp_path / 's')]) == 0
+    (swept,) = json.loads((tmp_path / 's' / 'mqar.json').read_text())['results']
+    assert set(swept['lr_sweep']) == {'0.001', '0.03'}
+    best = max(swept['lr_sweep'].items(), key=lambda kv: sum(kv[1].values()))
+    assert float(best[0]) == swept['lr']
     # every finished model is on disk before the sweep ends; --replot merges runs (the later file wins)
     partial = json.loads((tmp_path / 'm' / 'mqar.partial.json').read_text())
     assert len(partial['results']) == 3
