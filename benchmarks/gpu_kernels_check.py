@@ -75,7 +75,8 @@ def section_variants(report):
 
 
 SCHEDULES = [  # env overrides (kernels/triton: solve_schedule, acc_precision, backward_chunk_size, _num_warps, ...)
-    {}, {'GKA_TRITON_CHUNK': '64'}, {'GKA_TRITON_CHUNK': '16'}, {'GKA_TRITON_FAST_ITERS': '10'},
+    {}, {'GKA_TRITON_SOLVE_T': '1'}, {'GKA_TRITON_SOLVE_T': '1', 'GKA_TRITON_CHUNK': '64'},
+    {'GKA_TRITON_CHUNK': '64'}, {'GKA_TRITON_CHUNK': '16'}, {'GKA_TRITON_FAST_ITERS': '10'},
     {'GKA_TRITON_SEGMENT': '0'},
 ]
 

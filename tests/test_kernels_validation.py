@@ -149,7 +149,7 @@ def test_triton_tuning_knobs(monkeypatch):
     monkeypatch.setenv('GKA_TRITON_CHUNK', '8')
     with pytest.raises(GKAInputError, match='GKA_TRITON_CHUNK'):
         pick_chunk_size(None, 64)
-    assert solve_schedule(5, 30) == dict(FAST=0, FAST_MODE=2, ILP=True)
+    assert solve_schedule(5, 30) == dict(FAST=0, FAST_MODE=2, ILP=True, TRANS=False)
     monkeypatch.setenv('GKA_TRITON_FAST_ITERS', '40')
     assert solve_schedule(5, 30)['FAST'] == 30 and solve_schedule(0, 30)['FAST'] == 0   # no split: nothing to skip
 

@@ -159,7 +159,8 @@ def test_iteration_schedule_knobs():
         return [o] + [t.grad for t in xs]
 
     base = run()
-    for env in ({'GKA_TRITON_FAST_ITERS': '12'}, {'GKA_TRITON_FAST_ITERS': '40', 'GKA_TRITON_ILP': '0'}):
+    for env in ({'GKA_TRITON_FAST_ITERS': '12'}, {'GKA_TRITON_FAST_ITERS': '40', 'GKA_TRITON_ILP': '0'},
+                {'GKA_TRITON_SOLVE_T': '1'}, {'GKA_TRITON_SOLVE_T': '1', 'GKA_TRITON_FAST_ITERS': '5'}):
         os.environ.update(env)
         try:
             got = run()
@@ -168,6 +169,32 @@ def test_iteration_schedule_knobs():
                 del os.environ[key]
         for name, a, b in zip(('o', 'dq', 'dk', 'dv', 'dg', 'dalpha'), got, base):
             assert rel_rmse(a, b) < 2e-3, f'{env} {name}: rel RMSE {rel_rmse(a, b):.2e}'
+
+
+@cases
+def test_transposed_solve_matches_row_form():
+    """GKA_TRITON_SOLVE_T=1 (the solve iterating on xᵀ) is the same math in fp32, also with a non-symmetric initial
+    Gram state (the row form applies H⁰ᵀ; so must the transposed one), forward and backward."""
+    ins = make_inputs(2, 50, 2, 32, torch.float32)
+    h0, u0 = _states(2, 2, 32, 32, torch.float32)
+    h0 = h0 + 0.05 * torch.randn_like(h0)   # not symmetric
+    do = torch.randn(2, 50, 2, 32)
+
+    def run():
+        xs = [t.clone().requires_grad_() for t in ins]
+        o, (hk, hv) = gk.gka_chunk(*xs, num_iter=15, chunk_size=16, initial_state=(h0, u0),
+                                   output_final_state=True, backend='triton')
+        (o * do).sum().backward()
+        return [o, hk, hv] + [t.grad for t in xs]
+
+    rows = run()
+    os.environ['GKA_TRITON_SOLVE_T'] = '1'
+    try:
+        cols = run()
+    finally:
+        del os.environ['GKA_TRITON_SOLVE_T']
+    for name, a, b in zip(('o', 'h_kk', 'h_kv', 'dq', 'dk', 'dv', 'dg', 'dalpha'), cols, rows):
+        assert rel_rmse(a, b) < 1e-5, f'{name}: {rel_rmse(a, b):.2e}'
 
 
 @cases

@@ -21,7 +21,7 @@ def _bwd_chunk_kernel(
         dq_ptr, dk_ptr, dv_ptr, dgam_ptr, dal_ptr, inc_ptr,
         T, H, NC, r, scale, f_min,
         D: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, N: tl.constexpr, MODE: tl.constexpr,
-        FAST: tl.constexpr, FAST_MODE: tl.constexpr, ILP: tl.constexpr, ACC: tl.constexpr,
+        FAST: tl.constexpr, FAST_MODE: tl.constexpr, ILP: tl.constexpr, TRANS: tl.constexpr, ACC: tl.constexpr,
 ):
     bh = tl.program_id(0).to(tl.int64)   # b·h on the axis without the 65,535 limit
     ic = tl.program_id(1)
@@ -70,7 +70,8 @@ def _bwd_chunk_kernel(
     if N > 0:
         H0 = tl.load(h0_ptr + (bh * NC + ic) * D * D + rd[:, None] * D + rd[None, :])
         f = tl.maximum(tl.load(f_ptr + row, mask=tm, other=f_min), f_min)
-        Ua = _cheb_solve(al[:, None] * dqt, K, Kt, H0, M, e, f, r, om_ptr, C, D, N, MODE, FAST, FAST_MODE, ILP)
+        Ua = _cheb_solve(al[:, None] * dqt, K, Kt, H0, M, e, f, r, om_ptr, C, D, N, MODE, FAST, FAST_MODE, ILP,
+                         TRANS)
         tl.store(dq_ptr + pk, ((1.0 - al[:, None]) * dqt + Ua).to(dq_ptr.dtype.element_ty), mask=m2)
         # Gram part of the implicit gradient: Ḡ_τ = −u_τx_τᵀ − c_τH_τ, c_τ = r(u_τ·x_τ)/f_τ (λ-path)
         c = tl.where(f > f_min, r * tl.sum(Ua * X, 1) / f, 0.0)

@@ -1,8 +1,8 @@
 """Tensor-core products of the kernels, in the precisions the kernels need (one place for every split).
 
 Two kinds of product:
-    * ``_mm``: the products inside the Chebyshev loop, whose right operands (H⁰, the keys) are cast once before the
-      loop (``_op``, ``_lo``);
+    * ``_mm`` / ``_mm_t``: the products inside the Chebyshev loop, whose constant operands (H⁰, the keys) are cast
+      once before the loop (``_op``, ``_lo``), on the right or (transposed solve) on the left;
     * ``_xdot``: the fixed products (norms, readout, gradients, state passes), with compile-time flags saying
       which operands hold values that are exact in bf16 (tiles loaded from bf16 inputs). In 'bf16x3' an exact
       operand is not split, so a product of two loaded tiles is one bf16 MMA, one exact side makes it two and
@@ -68,6 +68,38 @@ def _mm(a, b, b_lo, MODE: tl.constexpr, SPLIT_B: tl.constexpr, ILP: tl.constexpr
             else:
                 out = tl.dot(a_lo, b)
             out = tl.dot(a_hi, b, out)
+    return out
+
+
+@triton.jit
+def _mm_t(a, a_lo, b, MODE: tl.constexpr, SPLIT_A: tl.constexpr, ILP: tl.constexpr = True):
+    """a @ b with the constant on the left (the transposed solve: a = H⁰ or the keys, cast once by ``_op`` / ``_lo``)
+    and the fp32 iterate b on the right; MODE as in ``_mm``."""
+    if MODE == 0:
+        out = tl.dot(a, b, input_precision='ieee')
+    elif MODE == 1:
+        out = tl.dot(a, b, input_precision='tf32')
+    elif MODE == 2:
+        out = tl.dot(a, b.to(tl.bfloat16))
+    elif MODE == 3:
+        out = tl.dot(a, b.to(tl.float16))
+    elif MODE == 4:
+        out = tl.dot(a, b, input_precision='tf32x3')
+    else:
+        b_hi = b.to(tl.bfloat16)
+        b_lo = (b - b_hi.to(tl.float32)).to(tl.bfloat16)
+        if ILP:
+            if SPLIT_A:
+                out = tl.dot(a, b_hi) + (tl.dot(a, b_lo) + tl.dot(a_lo, b_hi))
+            else:
+                out = tl.dot(a, b_hi) + tl.dot(a, b_lo)
+        else:
+            if SPLIT_A:
+                out = tl.dot(a_lo, b_hi)
+                out = tl.dot(a, b_lo, out)
+            else:
+                out = tl.dot(a, b_lo)
+            out = tl.dot(a, b_hi, out)
     return out
 
 

@@ -15,39 +15,76 @@ import triton.language as tl
 
 from ..chebyshev import chebyshev_omegas
 from .config import F_MIN
-from .dots import _lo, _mm, _op, _xdot
+from .dots import _lo, _mm, _mm_t, _op, _xdot
 
 
 @triton.jit
 def _cheb_solve(rhs, K, Kt, H0, M, e, f, r, om_ptr, C: tl.constexpr, D: tl.constexpr, N: tl.constexpr,
-                MODE: tl.constexpr, FAST: tl.constexpr, FAST_MODE: tl.constexpr, ILP: tl.constexpr):
+                MODE: tl.constexpr, FAST: tl.constexpr, FAST_MODE: tl.constexpr, ILP: tl.constexpr,
+                TRANS: tl.constexpr):
     """N Chebyshev steps for (H_τ + r f_τ I) x_τ = rhs_τ, all rows of the chunk at once, iterate on chip.
 
     H_τ x = e_τ H⁰x + Σ_σ M[τ,σ] (k_σ·x) k_σ: three dots per step. f is floored already. In MODE 5 the keys
-    must be exact in bf16 (bf16 inputs); H⁰ and the masked scores are split into hi + lo."""
-    lam = (r * f)[:, None]
-    eta = (2.0 / ((1.0 + 2.0 * r) * f))[:, None]
-    ee = e[:, None]
+    must be exact in bf16 (bf16 inputs); H⁰ and the masked scores are split into hi + lo. TRANS iterates on xᵀ
+    [D, C] instead, so two of the three products have D rows (H⁰ᵀxᵀ and Kᵀ(Mᵀ∘Kxᵀ)): M = 64 tiles, which
+    Hopper's wgmma needs, where the row form has C = 32 (benchmarks/KERNEL_NOTES.md, v6; opt-in until timed)."""
     H0m = _op(H0, MODE)
     H0l = _lo(H0, MODE)
     Km = _op(K, MODE)
     Ktm = _op(Kt, MODE)
-    x_prev = tl.zeros([C, D], dtype=tl.float32)
-    x = eta * rhs
-    # The first FAST steps take single-pass products: the iteration damps an early step's rounding error by the
-    # remaining steps' contraction (benchmarks/KERNEL_NOTES.md, v4), so only the last steps need the split.
+    if TRANS:
+        # the row form multiplies x by H⁰ from the right, i.e. applies H⁰ᵀ (an initial state may be non-symmetric)
+        x = _cheb_solve_t(tl.trans(rhs), Km, Ktm, tl.trans(H0m), tl.trans(H0l), tl.trans(M), e, f, r, om_ptr, C, D,
+                          N, MODE, FAST, FAST_MODE, ILP)
+        x = tl.trans(x)
+    else:
+        lam = (r * f)[:, None]
+        eta = (2.0 / ((1.0 + 2.0 * r) * f))[:, None]
+        ee = e[:, None]
+        x_prev = tl.zeros([C, D], dtype=tl.float32)
+        x = eta * rhs
+        # The first FAST steps take single-pass products: the iteration damps an early step's rounding error by
+        # the remaining steps' contraction (benchmarks/KERNEL_NOTES.md, v4), so only the last steps need the split.
+        for i in range(FAST):
+            om = tl.load(om_ptr + i)
+            ax = ee * _mm(x, H0m, H0l, FAST_MODE, True, ILP) \
+                + _mm(_mm(x, Ktm, Ktm, FAST_MODE, False, ILP) * M, Km, Km, FAST_MODE, False, ILP) + lam * x
+            x_new = om * (x - eta * (ax - rhs)) + (1.0 - om) * x_prev
+            x_prev = x
+            x = x_new
+        for i in range(FAST, N):
+            om = tl.load(om_ptr + i)
+            ax = ee * _mm(x, H0m, H0l, MODE, True, ILP) \
+                + _mm(_mm(x, Ktm, Ktm, MODE, False, ILP) * M, Km, Km, MODE, False, ILP) + lam * x
+            x_new = om * (x - eta * (ax - rhs)) + (1.0 - om) * x_prev
+            x_prev = x
+            x = x_new
+    return x
+
+
+@triton.jit
+def _cheb_solve_t(rhs_t, Km, Ktm, H0tm, H0tl, Mt, e, f, r, om_ptr, C: tl.constexpr, D: tl.constexpr,
+                  N: tl.constexpr, MODE: tl.constexpr, FAST: tl.constexpr, FAST_MODE: tl.constexpr,
+                  ILP: tl.constexpr):
+    """``_cheb_solve`` on xᵀ [D, C] with H0tm / H0tl = H⁰ᵀ cast: each step e ⊙ H⁰ᵀxᵀ + Kᵀ(Mᵀ ∘ Kxᵀ) + λ ⊙ xᵀ,
+    the per-token scalars along the columns."""
+    lam = (r * f)[None, :]
+    eta = (2.0 / ((1.0 + 2.0 * r) * f))[None, :]
+    ee = e[None, :]
+    x_prev = tl.zeros([D, C], dtype=tl.float32)
+    x = eta * rhs_t
     for i in range(FAST):
         om = tl.load(om_ptr + i)
-        ax = ee * _mm(x, H0m, H0l, FAST_MODE, True, ILP) \
-            + _mm(_mm(x, Ktm, Ktm, FAST_MODE, False, ILP) * M, Km, Km, FAST_MODE, False, ILP) + lam * x
-        x_new = om * (x - eta * (ax - rhs)) + (1.0 - om) * x_prev
+        ax = ee * _mm_t(H0tm, H0tl, x, FAST_MODE, True, ILP) \
+            + _mm_t(Ktm, Ktm, _mm_t(Km, Km, x, FAST_MODE, False, ILP) * Mt, FAST_MODE, False, ILP) + lam * x
+        x_new = om * (x - eta * (ax - rhs_t)) + (1.0 - om) * x_prev
         x_prev = x
         x = x_new
     for i in range(FAST, N):
         om = tl.load(om_ptr + i)
-        ax = ee * _mm(x, H0m, H0l, MODE, True, ILP) \
-            + _mm(_mm(x, Ktm, Ktm, MODE, False, ILP) * M, Km, Km, MODE, False, ILP) + lam * x
-        x_new = om * (x - eta * (ax - rhs)) + (1.0 - om) * x_prev
+        ax = ee * _mm_t(H0tm, H0tl, x, MODE, True, ILP) \
+            + _mm_t(Ktm, Ktm, _mm_t(Km, Km, x, MODE, False, ILP) * Mt, MODE, False, ILP) + lam * x
+        x_new = om * (x - eta * (ax - rhs_t)) + (1.0 - om) * x_prev
         x_prev = x
         x = x_new
     return x
@@ -65,8 +102,8 @@ def _chunk_solve_kernel(
         s_xb, s_xt, s_xh,
         s_ob, s_ot, s_oh,
         D: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, N: tl.constexpr, MODE: tl.constexpr,
-        FAST: tl.constexpr, FAST_MODE: tl.constexpr, ILP: tl.constexpr, ACC: tl.constexpr, LOAD_F: tl.constexpr,
-        READOUT: tl.constexpr, STORE_X: tl.constexpr,
+        FAST: tl.constexpr, FAST_MODE: tl.constexpr, ILP: tl.constexpr, TRANS: tl.constexpr, ACC: tl.constexpr,
+        LOAD_F: tl.constexpr, READOUT: tl.constexpr, STORE_X: tl.constexpr,
 ):
     bh = tl.program_id(0).to(tl.int64)   # b·h on the axis without the 65,535 limit
     ic = tl.program_id(1)
@@ -104,7 +141,7 @@ def _chunk_solve_kernel(
             f = tl.sqrt(tl.maximum(f2, 0.0))
             f = tl.where(f > f_min, f, f_min)
             tl.store(f_ptr + b * s_gb + h * s_gh + t * s_gt, f, mask=tm)
-        x = _cheb_solve(Q, K, Kt, H0, M, e, f, r, om_ptr, C, D, N, MODE, FAST, FAST_MODE, ILP)
+        x = _cheb_solve(Q, K, Kt, H0, M, e, f, r, om_ptr, C, D, N, MODE, FAST, FAST_MODE, ILP, TRANS)
         if STORE_X:
             tl.store(x_ptr + b * s_xb + h * s_xh + t[:, None] * s_xt + rd[None, :], x, mask=tm[:, None])
 
@@ -139,13 +176,15 @@ def dot_mode(dot: str, dtype: torch.dtype) -> int:
 
 def solve_schedule(mode: int, num_iter: int) -> dict:
     """Kernel constants of the iteration schedule: FAST leading steps with single-pass products (split modes only),
-    FAST_MODE their product mode, ILP independent accumulators for the split products.
+    FAST_MODE their product mode, ILP independent accumulators for the split products, TRANS the iteration on xᵀ.
 
-    ``GKA_TRITON_FAST_ITERS`` (default 0) and ``GKA_TRITON_ILP`` (default 1) override (benchmarks)."""
+    ``GKA_TRITON_FAST_ITERS`` (default 0), ``GKA_TRITON_ILP`` (default 1) and ``GKA_TRITON_SOLVE_T`` (default 0)
+    override (benchmarks)."""
     fast_mode = {5: 2, 4: 1}.get(mode, mode)
     fast = int(os.environ.get('GKA_TRITON_FAST_ITERS', '0')) if fast_mode != mode else 0
     ilp = os.environ.get('GKA_TRITON_ILP', '1') != '0'
-    return dict(FAST=max(0, min(fast, num_iter)), FAST_MODE=fast_mode, ILP=ilp)
+    trans = os.environ.get('GKA_TRITON_SOLVE_T', '0') == '1'
+    return dict(FAST=max(0, min(fast, num_iter)), FAST_MODE=fast_mode, ILP=ilp, TRANS=trans)
 
 
 def acc_precision(dtype: torch.dtype) -> str:
