@@ -136,6 +136,7 @@ class _MergeNorm(torch.autograd.Function):
         return do, None, dz, dw.sum(0).to(weight.dtype), None, None, None
 
 
+@torch.compiler.disable  # like the GKA kernel call: opaque to dynamo (its Triton launches are not traced)
 def merge_norm(o: torch.Tensor, scatter: Optional[torch.Tensor], z: torch.Tensor, weight: torch.Tensor,
                ndir: int, head_dim: int, eps: float) -> torch.Tensor:
     """y[b, p] = RMSNorm(Σ_j o[b, scatter[j·L + p]]) · weight ⊙ SiLU(z[b, p]) per head of ``head_dim``.
