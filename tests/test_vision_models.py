@@ -68,6 +68,18 @@ def test_grad_checkpointing_gives_the_same_gradients(name):
         torch.testing.assert_close(grads[1][n], g, rtol=1e-4, atol=1e-6, msg=n)
 
 
+def test_conv_weight_gradient_layout_matches_the_weight():
+    """DDP buckets gradients with the parameters' strides: the depthwise conv (run on channels-last activations) must
+    produce a weight gradient laid out like its weight, or every DDP step copies it and warns."""
+    m = _small('gka_tiny').train()
+    m(torch.randn(2, 3, 32, 32)).mean().backward()
+    for blk in m.blocks:
+        w = blk.mixer.conv.weight
+        assert w.grad.stride() == w.stride(), (w.grad.stride(), w.stride())
+    sd = m.state_dict()
+    assert all(t.is_contiguous() for t in sd.values())   # safetensors / torch.save see ordinary tensors
+
+
 @pytest.mark.parametrize('name', MODEL_NAMES)
 def test_backward_reaches_every_parameter(name):
     m = _small(name, num_classes=42).train()

@@ -105,6 +105,12 @@ class GKAMixer(nn.Module):
         self.qkv = nn.Linear(dim, 3 * inner, bias=False, **dd)
         self.conv = nn.Conv2d(
             3 * inner, 3 * inner, conv_size, padding=conv_size // 2, groups=3 * inner, bias=False, **dd)
+        # The conv runs on channels-last activations, so its weight gradient comes out channels-last; a weight stored
+        # the same way keeps DDP's gradient buckets stride-compatible (no "grad strides do not match" copy).
+        # (.contiguous(channels_last) is a no-op here: torch ignores the stride of the size-1 input-channel dim)
+        w = self.conv.weight.data
+        self.conv.weight.data = torch.empty_strided(
+            w.shape, (conv_size * conv_size, 1, conv_size, 1), dtype=w.dtype, device=w.device).copy_(w)
         # One Linear for every gate of every direction (W_β, W_α, W_a side by side), laid out [direction, gate, head].
         self.gate_proj = nn.Linear(dim, n * 3 * H, bias=False, **dd)
         # Biases of β and α ([direction, {β, α}, head]); the forget gate's bias is dt_bias (spec §2 step 7).
