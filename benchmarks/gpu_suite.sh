@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Everything the GPU machine has to check and time (the device lease is short).
-#   bash benchmarks/gpu_suite.sh [stage ...]     stages: setup tests kernels schedule models compiled fusednorm lm demo
+#   bash benchmarks/gpu_suite.sh [stage ...]     stages: setup tests kernels schedule models compiled fusedglue lm demo
 #                                               (default: setup tests kernels models lm)
 # One device call may run 10 minutes, so run the stages in three calls, each starting with setup:
 #   setup tests kernels   (~6 min)      setup models   (~6 min)      setup lm   (~8 min)
@@ -40,8 +40,8 @@ for s in "${stages[@]}"; do
              run_stage compiled 300 python3 benchmarks/models.py --out "$OUT/compiled" --compile --budget-s 240 \
                --models gka_small deit_small_patch16_224 gka_small_alt --sizes 224 1024 2048 ;;
     schedule) run_stage schedule 200 python3 benchmarks/gpu_kernels_check.py --only schedule ;;
-    fusednorm)  # the opt-in fused output glue of the vision mixer (gka_vision/models/merge_norm.py)
-             run_stage fusednorm 240 env GKA_FUSED_NORM=1 python3 benchmarks/models.py --out "$OUT/fused_norm" \
+    fusedglue)  # the opt-in fused glue of the vision mixer (gka_vision/models/scan_qkv.py, merge_norm.py)
+             run_stage fusedglue 240 env GKA_FUSED_GLUE=1 python3 benchmarks/models.py --out "$OUT/fused_glue" \
                --budget-s 200 --models gka_small gka_small_alt --sizes 224 1024 2048 ;;
     lm)      # two peak rates per model, best kept: attention preferred 1e-3 to 3e-3 in a CPU check (0.51 vs 0.40)
              run_stage mqar 330 python3 benchmarks/mqar.py --out "$OUT" --budget-s 290 --lr 1e-3 3e-3

@@ -373,8 +373,8 @@ def test_fused_merge_norm_matches_torch(directions):
 
 
 @cases
-def test_mixer_with_fused_merge_norm():
-    """GKA_FUSED_NORM=1 changes only how the mixer computes its output glue."""
+def test_mixer_with_fused_glue():
+    """GKA_FUSED_GLUE=1 changes only how the mixer computes its input and output glue."""
     import timm
     import gka_vision  # noqa: F401
     torch.manual_seed(0)
@@ -382,14 +382,45 @@ def test_mixer_with_fused_merge_norm():
     x = torch.randn(2, 3, 32, 32)
     outs = []
     for flag in ('0', '1'):
-        os.environ['GKA_FUSED_NORM'] = flag
+        os.environ['GKA_FUSED_GLUE'] = flag
         try:
             m.zero_grad(set_to_none=True)
             y = m(x)
             y.square().sum().backward()
             outs.append((y.detach(), {k: p.grad.clone() for k, p in m.named_parameters()}))
         finally:
-            del os.environ['GKA_FUSED_NORM']
+            del os.environ['GKA_FUSED_GLUE']
     assert rel_rmse(outs[1][0], outs[0][0]) < 1e-5
     for k, gr in outs[0][1].items():
         assert rel_rmse(outs[1][1][k], gr) < 1e-4, k
+
+
+@cases
+@pytest.mark.parametrize('directions', [('row',), ('row', 'row_rev'), ('row', 'col_rev', 'col', 'row_rev')])
+def test_fused_scan_qkv_matches_torch(directions):
+    """The vision mixer's fused input glue (SiLU, q/k L2 norm, β scaling, per-direction gather; forward and backward
+    incl. ∂β) equals the PyTorch composition."""
+    from gka_vision.layers import l2_normalize
+    from gka_vision.models.scan import scan_index
+    from gka_vision.models.scan_qkv import scan_qkv
+    torch.manual_seed(0)
+    B, Hg, Wg, H, D = 2, 5, 7, 3, 16
+    L, n = Hg * Wg, len(directions)
+    idx = scan_index(directions, Hg, Wg, 'cpu')
+    raw = torch.randn(B, L, 3 * H * D, requires_grad=True)
+    beta = (torch.rand(B * n, L, H) + 0.1).requires_grad_()
+    dq, dk, dv = (torch.randn(B * n, L, H, D) for _ in range(3))
+    perm, inv = (None, None) if idx.identity else (idx.perm, idx.inv)
+    got = scan_qkv(raw, perm, inv, beta, n, D, 1e-6)
+    sum((a * b).sum() for a, b in zip(got, (dq, dk, dv))).backward()
+    g_fused = [raw.grad.clone(), beta.grad.clone()]
+    raw.grad = beta.grad = None
+    a = torch.nn.functional.silu(raw).reshape(B, L, 3, H, D)
+    a = a if idx.identity else a.index_select(1, idx.gather)
+    a = a.reshape(B * n, L, 3, H, D)
+    ref = (l2_normalize(a[:, :, 0]), l2_normalize(a[:, :, 1]) * beta[..., None], a[:, :, 2] * beta[..., None])
+    sum((x * y).sum() for x, y in zip(ref, (dq, dk, dv))).backward()
+    for name, x, y in zip('qkv', got, ref):
+        assert rel_rmse(x, y) < 1e-6, name
+    for name, x, t in zip(('draw', 'dbeta'), g_fused, (raw, beta)):
+        assert rel_rmse(x, t.grad) < 1e-5, f'{name}: {rel_rmse(x, t.grad):.2e}'

@@ -6,7 +6,7 @@ time of gka_small on the H200, benchmarks/KERNEL_NOTES.md); here one program rea
 block and head once and writes y once. The backward recomputes the sum and writes each direction's gradient row to
 the position it came from (the scatter index is a permutation, so no row is written twice).
 
-Opt-in (``GKA_FUSED_NORM=1``) until timed on the GPU; the tests check it against the PyTorch path under
+Opt-in (``GKA_FUSED_GLUE=1``) until timed on the GPU; the tests check it against the PyTorch path under
 ``TRITON_INTERPRET=1``.
 """
 from __future__ import annotations
@@ -27,7 +27,7 @@ except ImportError:  # gka_vision runs without triton (CPU, non-Linux); the fuse
 
 def fused_merge_norm_enabled(t: torch.Tensor, head_dim: int) -> bool:
     """Whether ``GKAMixer`` takes the fused path for a tensor on this device and head dim."""
-    if os.environ.get('GKA_FUSED_NORM', '0') != '1' or triton is None:
+    if os.environ.get('GKA_FUSED_GLUE', '0') != '1' or triton is None:
         return False
     if head_dim < 16 or head_dim & (head_dim - 1):   # a power-of-two tile per head
         return False

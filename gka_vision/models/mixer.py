@@ -37,9 +37,9 @@ def _gka_kernel(q, k, v, g, alpha, num_iter: int, ridge_ratio: float, backend: O
                      check_values=False)
 
 
-def _fused_norm(o: torch.Tensor, head_dim: int) -> bool:
-    # opt-in (GKA_FUSED_NORM=1) until timed on the GPU; triton is imported only then
-    if os.environ.get('GKA_FUSED_NORM', '0') != '1':
+def _fused_glue(o: torch.Tensor, head_dim: int) -> bool:
+    # opt-in (GKA_FUSED_GLUE=1) until timed on the GPU; triton is imported only then
+    if os.environ.get('GKA_FUSED_GLUE', '0') != '1':
         return False
     from .merge_norm import fused_merge_norm_enabled
     return fused_merge_norm_enabled(o, head_dim)
@@ -143,34 +143,45 @@ class GKAMixer(nn.Module):
         n, H, D = self.num_dir, self.num_heads, self.head_dim
         idx = scan_index(self.directions, Hg, Wg, x.device)
 
+        fused = _fused_glue(x, D)
         qkv = self.qkv(x).permute(0, 3, 1, 2)
-        qkv = F.silu(self.conv(qkv)).permute(0, 2, 3, 1).reshape(B, L, 3, H, D)
-        # 1 / (‖·‖ + eps) of q and k per token and head (gka_spec.md §2 step 4), once and in row-major order: the
-        # norm commutes with the scan permutation, and normalisation and β-scaling become one multiply per stream.
-        norm_dtype = torch.float64 if qkv.dtype == torch.float64 else torch.float32
-        inv_norm = 1.0 / (torch.linalg.vector_norm(qkv[:, :, :2], dim=-1, dtype=norm_dtype) + L2_EPS)
+        raw = self.conv(qkv).permute(0, 2, 3, 1)   # [B, Hg, Wg, 3·H·D], before the SiLU
 
         gates = self.gate_proj(x).reshape(B, L, n, 3, H)
         if idx.identity:
-            qkv = qkv.reshape(B * n, L, 3, H, D)
-            inv_norm = inv_norm.reshape(B * n, L, 2, H)
             gates = gates.transpose(1, 2)
         else:
-            # [B, L, ...] → [B, n·L, ...] in scan order, then batch-major stacking [B·n, L, ...] is a view.
-            qkv = qkv.index_select(1, idx.gather).reshape(B * n, L, 3, H, D)
-            inv_norm = inv_norm.index_select(1, idx.gather).reshape(B * n, L, 2, H)
             dir_ids = torch.arange(n, device=x.device)[:, None]
             gates = gates[:, idx.perm, dir_ids]  # [B, n, L, 3, H]: direction j's gates at its own scan order
         ba = torch.sigmoid(gates[..., :2, :] + self.gate_bias[:, None])
         g = forget_gate_log_decay(gates[..., 2, :], self.A_log[:, None], self.dt_bias[:, None])
         beta = (ba[..., 0, :] + BETA_EPS).reshape(B * n, L, H)
-        alpha = ba[..., 1, :].reshape(B * n, L, H).to(qkv.dtype)
+        alpha = ba[..., 1, :].reshape(B * n, L, H).to(raw.dtype)
         g = g.reshape(B * n, L, H)
-        dt = qkv.dtype
-        q = qkv[:, :, 0] * inv_norm[:, :, 0, :, None].to(dt)
-        k = qkv[:, :, 1] * (inv_norm[:, :, 1] * beta)[..., None].to(dt)
-        v = qkv[:, :, 2] * beta[..., None].to(dt)
-        del qkv   # without autograd the gathered copy (n × 3 streams) is freed before the kernel runs
+
+        if fused:
+            from .scan_qkv import scan_qkv
+            perm, inv = (None, None) if idx.identity else (idx.perm, idx.inv)
+            q, k, v = scan_qkv(raw.reshape(B, L, 3 * H * D).contiguous(), perm, inv, beta.contiguous(), n, D, L2_EPS)
+        else:
+            qkv = F.silu(raw).reshape(B, L, 3, H, D)
+            # 1 / (‖·‖ + eps) of q and k per token and head (gka_spec.md §2 step 4), once and in row-major order:
+            # the norm commutes with the scan permutation, and normalisation and β-scaling become one multiply.
+            norm_dtype = torch.float64 if qkv.dtype == torch.float64 else torch.float32
+            inv_norm = 1.0 / (torch.linalg.vector_norm(qkv[:, :, :2], dim=-1, dtype=norm_dtype) + L2_EPS)
+            if idx.identity:
+                qkv = qkv.reshape(B * n, L, 3, H, D)
+                inv_norm = inv_norm.reshape(B * n, L, 2, H)
+            else:
+                # [B, L, ...] → [B, n·L, ...] in scan order, then batch-major stacking [B·n, L, ...] is a view.
+                qkv = qkv.index_select(1, idx.gather).reshape(B * n, L, 3, H, D)
+                inv_norm = inv_norm.index_select(1, idx.gather).reshape(B * n, L, 2, H)
+            dt = qkv.dtype
+            q = qkv[:, :, 0] * inv_norm[:, :, 0, :, None].to(dt)
+            k = qkv[:, :, 1] * (inv_norm[:, :, 1] * beta)[..., None].to(dt)
+            v = qkv[:, :, 2] * beta[..., None].to(dt)
+            del qkv   # without autograd the gathered copy (n × 3 streams) is freed before the kernel runs
+        del raw
 
         if q.device.type == 'meta':
             # Meta tensors carry shapes only (timm builds models on 'meta' to check structure): skip the kernel's
@@ -181,7 +192,7 @@ class GKAMixer(nn.Module):
 
         o = o.reshape(B, n * L, H * D)
         z = self.out_gate(x).reshape(B, L, H * D)
-        if _fused_norm(o, D):
+        if fused:
             from .merge_norm import merge_norm
             o = merge_norm(o, None if idx.identity else idx.scatter, z, self.norm.weight, n, D, self.norm.eps)
         else:

@@ -1,0 +1,158 @@
+"""The mixer's input glue as one Triton kernel each way: SiLU of the conv output, L2 normalisation of q and k,
+β scaling of k and v, and the gather of every scan direction, from the row-major conv output to the stacked
+[B·n, L, H, D] q, k, v the GKA kernel takes.
+
+In PyTorch this is a SiLU, a norm, an index_select of the three streams per direction and three scaling multiplies;
+here a program reads one token block and head of the conv output and writes its three outputs once. The backward
+gathers each token's n direction gradients through the inverse permutation (no atomics) and also returns ∂β.
+
+Opt-in (``GKA_FUSED_GLUE=1``, with ``merge_norm``) until timed on the GPU; the tests check it against the
+PyTorch path under ``TRITON_INTERPRET=1``.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # gka_vision runs without triton; the fused path is then never enabled
+    triton = None
+
+__all__ = ['scan_qkv']
+
+_BT = 32
+
+if triton is not None:
+    @triton.jit
+    def _fwd(raw_ptr, perm_ptr, beta_ptr, q_ptr, k_ptr, v_ptr, L, H, NDIR, eps,
+             D: tl.constexpr, BT: tl.constexpr, HAS_PERM: tl.constexpr):
+        ps = tl.program_id(0)
+        h = tl.program_id(1)
+        bj = tl.program_id(2).to(tl.int64)      # b·n + j: the stacked sequence this program writes
+        b = bj // NDIR
+        j = bj % NDIR
+        s = ps * BT + tl.arange(0, BT)          # scan positions
+        sm = s < L
+        rd = tl.arange(0, D)
+        HD = H * D
+        if HAS_PERM:
+            p = tl.load(perm_ptr + j * L + s, mask=sm, other=0).to(tl.int64)
+        else:
+            p = s.to(tl.int64)
+        src = raw_ptr + ((b * L + p) * 3 * HD + h * D)[:, None] + rd[None, :]
+        xq = tl.load(src, mask=sm[:, None], other=0.0).to(tl.float32)
+        xk = tl.load(src + HD, mask=sm[:, None], other=0.0).to(tl.float32)
+        xv = tl.load(src + 2 * HD, mask=sm[:, None], other=0.0).to(tl.float32)
+        aq = xq * tl.sigmoid(xq)
+        ak = xk * tl.sigmoid(xk)
+        av = xv * tl.sigmoid(xv)
+        rq = 1.0 / (tl.sqrt(tl.sum(aq * aq, 1)) + eps)
+        rk = 1.0 / (tl.sqrt(tl.sum(ak * ak, 1)) + eps)
+        beta = tl.load(beta_ptr + (bj * L + s) * H + h, mask=sm, other=0.0).to(tl.float32)
+        dst = ((bj * L + s) * HD + h * D)[:, None] + rd[None, :]
+        tl.store(q_ptr + dst, (aq * rq[:, None]).to(q_ptr.dtype.element_ty), mask=sm[:, None])
+        tl.store(k_ptr + dst, (ak * (rk * beta)[:, None]).to(k_ptr.dtype.element_ty), mask=sm[:, None])
+        tl.store(v_ptr + dst, (av * beta[:, None]).to(v_ptr.dtype.element_ty), mask=sm[:, None])
+
+    @triton.jit
+    def _bwd(raw_ptr, inv_ptr, beta_ptr, dq_ptr, dk_ptr, dv_ptr, draw_ptr, dbeta_ptr, L, H, NDIR, eps,
+             D: tl.constexpr, BT: tl.constexpr, HAS_PERM: tl.constexpr):
+        pp = tl.program_id(0)
+        h = tl.program_id(1)
+        b = tl.program_id(2).to(tl.int64)
+        p = pp * BT + tl.arange(0, BT)          # row-major tokens
+        pm = p < L
+        rd = tl.arange(0, D)
+        HD = H * D
+        src = ((b * L + p) * 3 * HD + h * D)[:, None] + rd[None, :]
+        xq = tl.load(raw_ptr + src, mask=pm[:, None], other=0.0).to(tl.float32)
+        xk = tl.load(raw_ptr + src + HD, mask=pm[:, None], other=0.0).to(tl.float32)
+        xv = tl.load(raw_ptr + src + 2 * HD, mask=pm[:, None], other=0.0).to(tl.float32)
+        sq = tl.sigmoid(xq)
+        sk = tl.sigmoid(xk)
+        sv = tl.sigmoid(xv)
+        aq = xq * sq
+        ak = xk * sk
+        av = xv * sv
+        nq = tl.sqrt(tl.sum(aq * aq, 1))
+        nk = tl.sqrt(tl.sum(ak * ak, 1))
+        rq = 1.0 / (nq + eps)
+        rk = 1.0 / (nk + eps)
+        gq = tl.zeros([BT, D], dtype=tl.float32)   # ∂ of the normalised q, summed over directions
+        gk = tl.zeros([BT, D], dtype=tl.float32)   # ∂ of the normalised k, β applied
+        gv = tl.zeros([BT, D], dtype=tl.float32)   # ∂ of SiLU(v)
+        for j in range(NDIR):
+            if HAS_PERM:
+                s = tl.load(inv_ptr + j * L + p, mask=pm, other=0).to(tl.int64)
+            else:
+                s = p
+            row = (b * NDIR + j) * L + s
+            off = (row * HD + h * D)[:, None] + rd[None, :]
+            dq = tl.load(dq_ptr + off, mask=pm[:, None], other=0.0).to(tl.float32)
+            dk = tl.load(dk_ptr + off, mask=pm[:, None], other=0.0).to(tl.float32)
+            dv = tl.load(dv_ptr + off, mask=pm[:, None], other=0.0).to(tl.float32)
+            beta = tl.load(beta_ptr + row * H + h, mask=pm, other=0.0).to(tl.float32)
+            gq += dq
+            gk += beta[:, None] * dk
+            gv += beta[:, None] * dv
+            dbeta = rk * tl.sum(ak * dk, 1) + tl.sum(av * dv, 1)
+            tl.store(dbeta_ptr + row * H + h, dbeta.to(dbeta_ptr.dtype.element_ty), mask=pm)
+        # q̂ = a / (‖a‖ + eps): ∂a = r ∂q̂ − a r² (a·∂q̂) / ‖a‖ (zero where a = 0)
+        daq = rq[:, None] * gq - aq * (rq * rq * tl.sum(aq * gq, 1) / tl.maximum(nq, 1e-30))[:, None]
+        dak = rk[:, None] * gk - ak * (rk * rk * tl.sum(ak * gk, 1) / tl.maximum(nk, 1e-30))[:, None]
+        tl.store(draw_ptr + src, (daq * sq * (1.0 + xq * (1.0 - sq))).to(draw_ptr.dtype.element_ty),
+                 mask=pm[:, None])
+        tl.store(draw_ptr + src + HD, (dak * sk * (1.0 + xk * (1.0 - sk))).to(draw_ptr.dtype.element_ty),
+                 mask=pm[:, None])
+        tl.store(draw_ptr + src + 2 * HD, (gv * sv * (1.0 + xv * (1.0 - sv))).to(draw_ptr.dtype.element_ty),
+                 mask=pm[:, None])
+
+
+class _ScanQKV(torch.autograd.Function):
+
+    @staticmethod
+    def forward(ctx, raw, perm, inv, beta, ndir: int, head_dim: int, eps: float):
+        B, L, C3 = raw.shape
+        HD = C3 // 3
+        H = HD // head_dim
+        q, k, v = (raw.new_empty(B * ndir, L, H, head_dim) for _ in range(3))
+        grid = (-(-L // _BT), H, B * ndir)
+        _fwd[grid](raw, perm if perm is not None else raw, beta, q, k, v, L, H, ndir, float(eps),
+                   D=head_dim, BT=_BT, HAS_PERM=perm is not None)
+        ctx.save_for_backward(raw, inv, beta)
+        ctx.cfg = (ndir, head_dim, eps)
+        return q, k, v
+
+    @staticmethod
+    def backward(ctx, dq, dk, dv):
+        raw, inv, beta = ctx.saved_tensors
+        ndir, D, eps = ctx.cfg
+        B, L, C3 = raw.shape
+        H = C3 // 3 // D
+        grads = [t.contiguous() if t is not None else raw.new_zeros(B * ndir, L, H, D) for t in (dq, dk, dv)]
+        draw = torch.empty_like(raw)
+        dbeta = torch.empty_like(beta)
+        grid = (-(-L // _BT), H, B)
+        _bwd[grid](raw, inv if inv is not None else raw, beta, *grads, draw, dbeta, L, H, ndir, float(eps),
+                   D=D, BT=_BT, HAS_PERM=inv is not None)
+        return draw, None, None, dbeta, None, None, None
+
+
+@torch.compiler.disable  # opaque to dynamo, like the GKA kernel call
+def scan_qkv(raw: torch.Tensor, perm: Optional[torch.Tensor], inv: Optional[torch.Tensor], beta: torch.Tensor,
+             ndir: int, head_dim: int, eps: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v [B·n, L, H, D] in scan order from the pre-SiLU conv output ``raw`` [B, L, 3·H·D] (row-major tokens,
+    streams q|k|v): q = ŝ(q), k = ŝ(k)·β, v = SiLU(v)·β with ŝ(x) = SiLU(x) / (‖SiLU(x)‖ + eps) per head.
+
+    perm / inv: [n, L] scan step → row-major token and back (None for the row-major identity); beta: [B·n, L, H]
+    in scan order."""
+    if not raw.is_contiguous() or not beta.is_contiguous():
+        raise ValueError('scan_qkv takes contiguous raw and beta')
+    B, L, C3 = raw.shape
+    if C3 % (3 * head_dim) or beta.shape != (B * ndir, L, C3 // 3 // head_dim):
+        raise ValueError(f'scan_qkv: raw {list(raw.shape)} and beta {list(beta.shape)} do not match n = {ndir}, '
+                         f'head_dim = {head_dim}')
+    return _ScanQKV.apply(raw, perm, inv, beta, ndir, head_dim, eps)
