@@ -38,9 +38,9 @@ if triton is not None:
     @triton.jit
     def _fwd(o_ptr, idx_ptr, z_ptr, w_ptr, y_ptr, rstd_ptr, L, H, eps,
              D: tl.constexpr, NDIR: tl.constexpr, BT: tl.constexpr, HAS_IDX: tl.constexpr):
-        pt = tl.program_id(0)
-        h = tl.program_id(1)
-        b = tl.program_id(2).to(tl.int64)
+        b = tl.program_id(0).to(tl.int64)
+        pt = tl.program_id(1)
+        h = tl.program_id(2)
         p = pt * BT + tl.arange(0, BT)
         pm = p < L
         rd = tl.arange(0, D)
@@ -64,9 +64,9 @@ if triton is not None:
     @triton.jit
     def _bwd(o_ptr, idx_ptr, z_ptr, w_ptr, rstd_ptr, dy_ptr, do_ptr, dz_ptr, dw_ptr, L, H,
              D: tl.constexpr, NDIR: tl.constexpr, BT: tl.constexpr, HAS_IDX: tl.constexpr):
-        pt = tl.program_id(0)
-        h = tl.program_id(1)
-        b = tl.program_id(2).to(tl.int64)
+        b = tl.program_id(0).to(tl.int64)
+        pt = tl.program_id(1)
+        h = tl.program_id(2)
         p = pt * BT + tl.arange(0, BT)
         pm = p < L
         rd = tl.arange(0, D)
@@ -91,7 +91,7 @@ if triton is not None:
         tl.store(dz_ptr + tok[:, None] * HD + h * D + rd[None, :], dz.to(dz_ptr.dtype.element_ty), mask=pm[:, None])
         dxhat = dy * (zz * sig) * w[None, :]
         # per-program partial of the weight gradient; summed over programs on the host
-        pid = (b * H + h) * tl.num_programs(0) + pt
+        pid = (b * H + h) * tl.num_programs(1) + pt
         tl.store(dw_ptr + pid * D + rd, tl.sum(dy * (zz * sig) * xhat, 0))
         ds = rstd[:, None] * (dxhat - xhat * (tl.sum(dxhat * xhat, 1) / D)[:, None])
         for j in tl.static_range(NDIR):
@@ -114,7 +114,7 @@ class _MergeNorm(torch.autograd.Function):
         L, H = nL // ndir, HD // head_dim
         y = torch.empty_like(z)
         rstd = torch.empty(B, L, H, device=o.device, dtype=torch.float32)
-        grid = (-(-L // _BT), H, B)
+        grid = (B, -(-L // _BT), H)   # the batch on axis 0, which has no 65,535 limit
         _fwd[grid](o, idx if idx is not None else o, z, weight, y, rstd, L, H, float(eps),
                   D=head_dim, NDIR=ndir, BT=_BT, HAS_IDX=idx is not None)
         ctx.save_for_backward(o, idx, z, weight, rstd)
@@ -127,10 +127,10 @@ class _MergeNorm(torch.autograd.Function):
         ndir, D = ctx.cfg
         B, nL, HD = o.shape
         L, H = nL // ndir, HD // D
-        grid = (-(-L // _BT), H, B)
+        grid = (B, -(-L // _BT), H)
         do = torch.empty_like(o)
         dz = torch.empty_like(z)
-        dw = torch.empty(grid[0] * H * B, D, device=o.device, dtype=torch.float32)
+        dw = torch.empty(B * H * grid[1], D, device=o.device, dtype=torch.float32)
         _bwd[grid](o, idx if idx is not None else o, z, weight, rstd, dy.contiguous(), do, dz, dw, L, H,
                   D=D, NDIR=ndir, BT=_BT, HAS_IDX=idx is not None)
         return do, None, dz, dw.sum(0).to(weight.dtype), None, None, None

@@ -29,9 +29,9 @@ if triton is not None:
     @triton.jit
     def _fwd(raw_ptr, perm_ptr, beta_ptr, q_ptr, k_ptr, v_ptr, L, H, NDIR, eps,
              D: tl.constexpr, BT: tl.constexpr, HAS_PERM: tl.constexpr):
-        ps = tl.program_id(0)
-        h = tl.program_id(1)
-        bj = tl.program_id(2).to(tl.int64)      # b·n + j: the stacked sequence this program writes
+        bj = tl.program_id(0).to(tl.int64)      # b·n + j: the stacked sequence this program writes
+        ps = tl.program_id(1)
+        h = tl.program_id(2)
         b = bj // NDIR
         j = bj % NDIR
         s = ps * BT + tl.arange(0, BT)          # scan positions
@@ -60,9 +60,9 @@ if triton is not None:
     @triton.jit
     def _bwd(raw_ptr, inv_ptr, beta_ptr, dq_ptr, dk_ptr, dv_ptr, draw_ptr, dbeta_ptr, L, H, NDIR, eps,
              D: tl.constexpr, BT: tl.constexpr, HAS_PERM: tl.constexpr):
-        pp = tl.program_id(0)
-        h = tl.program_id(1)
-        b = tl.program_id(2).to(tl.int64)
+        b = tl.program_id(0).to(tl.int64)
+        pp = tl.program_id(1)
+        h = tl.program_id(2)
         p = pp * BT + tl.arange(0, BT)          # row-major tokens
         pm = p < L
         rd = tl.arange(0, D)
@@ -119,7 +119,7 @@ class _ScanQKV(torch.autograd.Function):
         HD = C3 // 3
         H = HD // head_dim
         q, k, v = (raw.new_empty(B * ndir, L, H, head_dim) for _ in range(3))
-        grid = (-(-L // _BT), H, B * ndir)
+        grid = (B * ndir, -(-L // _BT), H)   # the batch on axis 0, which has no 65,535 limit
         _fwd[grid](raw, perm if perm is not None else raw, beta, q, k, v, L, H, ndir, float(eps),
                    D=head_dim, BT=_BT, HAS_PERM=perm is not None)
         ctx.save_for_backward(raw, inv, beta)
@@ -135,7 +135,7 @@ class _ScanQKV(torch.autograd.Function):
         grads = [t.contiguous() if t is not None else raw.new_zeros(B * ndir, L, H, D) for t in (dq, dk, dv)]
         draw = torch.empty_like(raw)
         dbeta = torch.empty_like(beta)
-        grid = (-(-L // _BT), H, B)
+        grid = (B, -(-L // _BT), H)
         _bwd[grid](raw, inv if inv is not None else raw, beta, *grads, draw, dbeta, L, H, ndir, float(eps),
                    D=D, BT=_BT, HAS_PERM=inv is not None)
         return draw, None, None, dbeta, None, None, None
