@@ -196,6 +196,15 @@ def section_profile(report):
         fh.write('\n'.join(lines))
 
 
+def _table(rows) -> str:
+    """A markdown table of dict rows sharing the first row's keys (floats to 3 significant digits)."""
+    keys = list(rows[0].keys())
+    lines = ['| ' + ' | '.join(keys) + ' |', '|---' * len(keys) + '|']
+    lines += ['| ' + ' | '.join(f'{r.get(k):.3g}' if isinstance(r.get(k), float) else str(r.get(k)) for k in keys)
+              + ' |' for r in rows]
+    return '\n'.join(lines)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument('--only', default='tests,variants,bench,profile')
@@ -226,20 +235,10 @@ def main():
             md.append(f"| {fig['case']} | " + ' | '.join(f"{fig['err'].get(k, float('nan')):.2e}"
                                                           for k in ('o', 'q', 'k', 'v', 'g', 'alpha', 'h_kk', 'h_kv'))
                       + ' |')
-    if 'variants' in report:
-        md += ['', '## variants (ms; err_o vs float64 at B4 T196 H6 D64)', '']
-        keys = list(report['variants'][0].keys())
-        md += ['| ' + ' | '.join(keys) + ' |', '|---' * len(keys) + '|']
-        for r in report['variants']:
-            md.append('| ' + ' | '.join(f'{r.get(k):.3g}' if isinstance(r.get(k), float) else str(r.get(k))
-                                        for k in keys) + ' |')
-    if 'schedule' in report:
-        md += ['', '## iteration schedules (ms; errors vs float64 at B4 T196 H6 D64, bf16, N = 30)', '']
-        keys = list(report['schedule'][0].keys())
-        md += ['| ' + ' | '.join(keys) + ' |', '|---' * len(keys) + '|']
-        for r in report['schedule']:
-            md.append('| ' + ' | '.join(f'{r.get(k):.3g}' if isinstance(r.get(k), float) else str(r.get(k))
-                                        for k in keys) + ' |')
+    for name, title in (('variants', 'variants (ms; err_o vs float64 at B4 T196 H6 D64)'),
+                        ('schedule', 'iteration schedules (ms; errors vs float64 at B4 T196 H6 D64, bf16, N = 30)')):
+        if name in report:
+            md += ['', f'## {title}', '', _table(report[name])]
     if 'quick' in report:
         md += ['', '## quick checks', ''] + [json.dumps(r) for r in report['quick']]
     if 'bench' in report:

@@ -16,7 +16,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ['merge_norm', 'fused_merge_norm_enabled']
+__all__ = ['merge_norm', 'fused_glue_supported']
 
 try:
     import triton
@@ -25,16 +25,34 @@ except ImportError:  # gka_vision runs without triton (CPU, non-Linux); the fuse
     triton = None
 
 
-def fused_merge_norm_enabled(t: torch.Tensor, head_dim: int) -> bool:
-    """Whether ``GKAMixer`` takes the fused path for a tensor on this device and head dim."""
-    if os.environ.get('GKA_FUSED_GLUE', '0') != '1' or triton is None:
-        return False
-    if head_dim < 16 or head_dim & (head_dim - 1):   # a power-of-two tile per head
+def fused_glue_supported(t: torch.Tensor, head_dim: int) -> bool:
+    """Whether the fused glue kernels (here and in scan_qkv.py) can run for a tensor on this device and head dim."""
+    if triton is None or head_dim < 16 or head_dim & (head_dim - 1):   # a power-of-two tile per head
         return False
     return t.is_cuda or os.environ.get('TRITON_INTERPRET') == '1'
 
 
 if triton is not None:
+    @triton.jit
+    def _dir_rows(idx_ptr, j, b, p, pm, L, NDIR: tl.constexpr, HAS_IDX: tl.constexpr):
+        """Rows of [B·n·L] holding direction j's output for the row-major tokens p of image b."""
+        if HAS_IDX:
+            src = tl.load(idx_ptr + j * L + p, mask=pm, other=0).to(tl.int64)
+        else:
+            src = (j * L + p).to(tl.int64)
+        return b * NDIR * L + src
+
+    @triton.jit
+    def _dir_sum(o_ptr, idx_ptr, b, p, pm, h, L, HD, D: tl.constexpr, NDIR: tl.constexpr, BT: tl.constexpr,
+                 HAS_IDX: tl.constexpr):
+        """Σ_j of the directions' outputs for tokens p, head h, in fp32 [BT, D]."""
+        rd = tl.arange(0, D)
+        s = tl.zeros([BT, D], dtype=tl.float32)
+        for j in tl.static_range(NDIR):
+            rows = _dir_rows(idx_ptr, j, b, p, pm, L, NDIR, HAS_IDX)
+            s += tl.load(o_ptr + rows[:, None] * HD + h * D + rd[None, :], mask=pm[:, None], other=0.0).to(tl.float32)
+        return s
+
     @triton.jit
     def _fwd(o_ptr, idx_ptr, z_ptr, w_ptr, y_ptr, rstd_ptr, L, H, eps,
              D: tl.constexpr, NDIR: tl.constexpr, BT: tl.constexpr, HAS_IDX: tl.constexpr):
@@ -45,14 +63,7 @@ if triton is not None:
         pm = p < L
         rd = tl.arange(0, D)
         HD = H * D
-        s = tl.zeros([BT, D], dtype=tl.float32)
-        for j in tl.static_range(NDIR):
-            if HAS_IDX:
-                src = tl.load(idx_ptr + j * L + p, mask=pm, other=0).to(tl.int64)
-            else:
-                src = (j * L + p).to(tl.int64)
-            rows = b * NDIR * L + src
-            s += tl.load(o_ptr + rows[:, None] * HD + h * D + rd[None, :], mask=pm[:, None], other=0.0).to(tl.float32)
+        s = _dir_sum(o_ptr, idx_ptr, b, p, pm, h, L, HD, D, NDIR, BT, HAS_IDX)
         rstd = 1.0 / tl.sqrt(tl.sum(s * s, 1) / D + eps)
         tok = b * L + p
         zz = tl.load(z_ptr + tok[:, None] * HD + h * D + rd[None, :], mask=pm[:, None], other=0.0).to(tl.float32)
@@ -71,14 +82,7 @@ if triton is not None:
         pm = p < L
         rd = tl.arange(0, D)
         HD = H * D
-        s = tl.zeros([BT, D], dtype=tl.float32)
-        for j in tl.static_range(NDIR):
-            if HAS_IDX:
-                src = tl.load(idx_ptr + j * L + p, mask=pm, other=0).to(tl.int64)
-            else:
-                src = (j * L + p).to(tl.int64)
-            rows = b * NDIR * L + src
-            s += tl.load(o_ptr + rows[:, None] * HD + h * D + rd[None, :], mask=pm[:, None], other=0.0).to(tl.float32)
+        s = _dir_sum(o_ptr, idx_ptr, b, p, pm, h, L, HD, D, NDIR, BT, HAS_IDX)
         tok = b * L + p
         rstd = tl.load(rstd_ptr + tok * H + h, mask=pm, other=0.0)
         zz = tl.load(z_ptr + tok[:, None] * HD + h * D + rd[None, :], mask=pm[:, None], other=0.0).to(tl.float32)
@@ -95,11 +99,7 @@ if triton is not None:
         tl.store(dw_ptr + pid * D + rd, tl.sum(dy * (zz * sig) * xhat, 0))
         ds = rstd[:, None] * (dxhat - xhat * (tl.sum(dxhat * xhat, 1) / D)[:, None])
         for j in tl.static_range(NDIR):
-            if HAS_IDX:
-                src = tl.load(idx_ptr + j * L + p, mask=pm, other=0).to(tl.int64)
-            else:
-                src = (j * L + p).to(tl.int64)
-            rows = b * NDIR * L + src
+            rows = _dir_rows(idx_ptr, j, b, p, pm, L, NDIR, HAS_IDX)
             tl.store(do_ptr + rows[:, None] * HD + h * D + rd[None, :], ds.to(do_ptr.dtype.element_ty),
                      mask=pm[:, None])
 

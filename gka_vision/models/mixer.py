@@ -37,12 +37,12 @@ def _gka_kernel(q, k, v, g, alpha, num_iter: int, ridge_ratio: float, backend: O
                      check_values=False)
 
 
-def _fused_glue(o: torch.Tensor, head_dim: int) -> bool:
+def _fused_glue(x: torch.Tensor, head_dim: int) -> bool:
     # opt-in (GKA_FUSED_GLUE=1) until timed on the GPU; triton is imported only then
     if os.environ.get('GKA_FUSED_GLUE', '0') != '1':
         return False
-    from .merge_norm import fused_merge_norm_enabled
-    return fused_merge_norm_enabled(o, head_dim)
+    from .merge_norm import fused_glue_supported
+    return fused_glue_supported(x, head_dim)
 
 
 @register_notrace_module  # an FX leaf: its shapes drive Python-side index caches and the opaque kernel call

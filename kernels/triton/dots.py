@@ -39,67 +39,62 @@ def _lo(a, MODE: tl.constexpr):
 
 
 @triton.jit
-def _mm(a, b, b_lo, MODE: tl.constexpr, SPLIT_B: tl.constexpr, ILP: tl.constexpr = True):
-    """a @ b with fp32 accumulation, a fp32. MODE 0 exact fp32, 1 tf32, 2 bf16 operands, 3 fp16 operands,
-    4 tf32x3, 5 bf16 hi/lo split of a (and of b when SPLIT_B; b = bf16(B), b_lo = B − b): ~16 mantissa bits.
-    ILP: the partial products of MODE 5 go to separate accumulators, so the MMAs need not wait on each other."""
+def _plain(a, b, MODE: tl.constexpr):
+    """One tl.dot in the precision of MODE 0-4 (0 exact fp32, 1 tf32, 2 bf16 operands, 3 fp16 operands, 4 tf32x3);
+    casting an operand already cast by ``_op`` is free."""
     if MODE == 0:
         out = tl.dot(a, b, input_precision='ieee')
     elif MODE == 1:
         out = tl.dot(a, b, input_precision='tf32')
     elif MODE == 2:
-        out = tl.dot(a.to(tl.bfloat16), b)
+        out = tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
     elif MODE == 3:
-        out = tl.dot(a.to(tl.float16), b)
-    elif MODE == 4:
-        out = tl.dot(a, b, input_precision='tf32x3')
+        out = tl.dot(a.to(tl.float16), b.to(tl.float16))
     else:
+        out = tl.dot(a, b, input_precision='tf32x3')
+    return out
+
+
+@triton.jit
+def _split3(a_hi, a_lo, b_hi, b_lo, LO_A: tl.constexpr, LO_B: tl.constexpr, ILP: tl.constexpr):
+    """hi·hi + hi·lo (LO_B) + lo·hi (LO_A) of bf16 hi/lo splits. ILP: the partial products go to separate
+    accumulators, so the MMAs need not wait on each other; otherwise one chained accumulator."""
+    if ILP:
+        out = tl.dot(a_hi, b_hi)
+        if LO_B:
+            out += tl.dot(a_hi, b_lo)
+        if LO_A:
+            out += tl.dot(a_lo, b_hi)
+    else:
+        out = tl.zeros([a_hi.shape[0], b_hi.shape[1]], dtype=tl.float32)
+        if LO_B:
+            out = tl.dot(a_hi, b_lo, out)
+        if LO_A:
+            out = tl.dot(a_lo, b_hi, out)
+        out = tl.dot(a_hi, b_hi, out)
+    return out
+
+
+@triton.jit
+def _mm(a, b, b_lo, MODE: tl.constexpr, SPLIT_B: tl.constexpr, ILP: tl.constexpr = True):
+    """a @ b with fp32 accumulation, a the fp32 iterate, b constant (cast once by ``_op`` / ``_lo``). MODE 0-4 as in
+    ``_plain``; 5: bf16 hi/lo split of a (and of b when SPLIT_B; b = bf16(B), b_lo = B − b): ~16 mantissa bits."""
+    if MODE == 5:
         a_hi = a.to(tl.bfloat16)
-        a_lo = (a - a_hi.to(tl.float32)).to(tl.bfloat16)
-        if ILP:
-            if SPLIT_B:
-                out = tl.dot(a_hi, b) + (tl.dot(a_lo, b) + tl.dot(a_hi, b_lo))
-            else:
-                out = tl.dot(a_hi, b) + tl.dot(a_lo, b)
-        else:
-            if SPLIT_B:
-                out = tl.dot(a_hi, b_lo)
-                out = tl.dot(a_lo, b, out)
-            else:
-                out = tl.dot(a_lo, b)
-            out = tl.dot(a_hi, b, out)
+        out = _split3(a_hi, (a - a_hi.to(tl.float32)).to(tl.bfloat16), b, b_lo, True, SPLIT_B, ILP)
+    else:
+        out = _plain(a, b, MODE)
     return out
 
 
 @triton.jit
 def _mm_t(a, a_lo, b, MODE: tl.constexpr, SPLIT_A: tl.constexpr, ILP: tl.constexpr = True):
-    """a @ b with the constant on the left (the transposed solve: a = H⁰ or the keys, cast once by ``_op`` / ``_lo``)
-    and the fp32 iterate b on the right; MODE as in ``_mm``."""
-    if MODE == 0:
-        out = tl.dot(a, b, input_precision='ieee')
-    elif MODE == 1:
-        out = tl.dot(a, b, input_precision='tf32')
-    elif MODE == 2:
-        out = tl.dot(a, b.to(tl.bfloat16))
-    elif MODE == 3:
-        out = tl.dot(a, b.to(tl.float16))
-    elif MODE == 4:
-        out = tl.dot(a, b, input_precision='tf32x3')
-    else:
+    """``_mm`` with the constant on the left (the transposed solve: a = H⁰ᵀ or the keys) and the iterate b right."""
+    if MODE == 5:
         b_hi = b.to(tl.bfloat16)
-        b_lo = (b - b_hi.to(tl.float32)).to(tl.bfloat16)
-        if ILP:
-            if SPLIT_A:
-                out = tl.dot(a, b_hi) + (tl.dot(a, b_lo) + tl.dot(a_lo, b_hi))
-            else:
-                out = tl.dot(a, b_hi) + tl.dot(a, b_lo)
-        else:
-            if SPLIT_A:
-                out = tl.dot(a_lo, b_hi)
-                out = tl.dot(a, b_lo, out)
-            else:
-                out = tl.dot(a, b_lo)
-            out = tl.dot(a, b_hi, out)
+        out = _split3(a, a_lo, b_hi, (b - b_hi.to(tl.float32)).to(tl.bfloat16), SPLIT_A, True, ILP)
+    else:
+        out = _plain(a, b, MODE)
     return out
 
 

@@ -19,6 +19,20 @@ from .dots import _lo, _mm, _mm_t, _op, _xdot
 
 
 @triton.jit
+def _apply(x, A0, A0l, Km, Ktm, Mk, ee, lam, MODE: tl.constexpr, ILP: tl.constexpr, TRANS: tl.constexpr):
+    """(H_τ + λ_τ I) applied to the iterate: rows x [C, D] with A0 = H⁰, Mk = M; or (TRANS) columns xᵀ [D, C] with
+    A0 = H⁰ᵀ, Mk = Mᵀ (the row form multiplies by H⁰ from the right, i.e. applies H⁰ᵀ: an initial state may be
+    non-symmetric)."""
+    if TRANS:
+        out = ee * _mm_t(A0, A0l, x, MODE, True, ILP) \
+            + _mm_t(Ktm, Ktm, _mm_t(Km, Km, x, MODE, False, ILP) * Mk, MODE, False, ILP) + lam * x
+    else:
+        out = ee * _mm(x, A0, A0l, MODE, True, ILP) \
+            + _mm(_mm(x, Ktm, Ktm, MODE, False, ILP) * Mk, Km, Km, MODE, False, ILP) + lam * x
+    return out
+
+
+@triton.jit
 def _cheb_solve(rhs, K, Kt, H0, M, e, f, r, om_ptr, C: tl.constexpr, D: tl.constexpr, N: tl.constexpr,
                 MODE: tl.constexpr, FAST: tl.constexpr, FAST_MODE: tl.constexpr, ILP: tl.constexpr,
                 TRANS: tl.constexpr):
@@ -28,65 +42,43 @@ def _cheb_solve(rhs, K, Kt, H0, M, e, f, r, om_ptr, C: tl.constexpr, D: tl.const
     must be exact in bf16 (bf16 inputs); H⁰ and the masked scores are split into hi + lo. TRANS iterates on xᵀ
     [D, C] instead, so two of the three products have D rows (H⁰ᵀxᵀ and Kᵀ(Mᵀ∘Kxᵀ)): M = 64 tiles, which
     Hopper's wgmma needs, where the row form has C = 32 (benchmarks/KERNEL_NOTES.md, v6; opt-in until timed)."""
-    H0m = _op(H0, MODE)
-    H0l = _lo(H0, MODE)
     Km = _op(K, MODE)
     Ktm = _op(Kt, MODE)
     if TRANS:
-        # the row form multiplies x by H⁰ from the right, i.e. applies H⁰ᵀ (an initial state may be non-symmetric)
-        x = _cheb_solve_t(tl.trans(rhs), Km, Ktm, tl.trans(H0m), tl.trans(H0l), tl.trans(M), e, f, r, om_ptr, C, D,
-                          N, MODE, FAST, FAST_MODE, ILP)
-        x = tl.trans(x)
+        A0 = tl.trans(_op(H0, MODE))
+        A0l = tl.trans(_lo(H0, MODE))
+        Mk = tl.trans(M)
+        b = tl.trans(rhs)
+        lam = (r * f)[None, :]
+        eta = (2.0 / ((1.0 + 2.0 * r) * f))[None, :]
+        ee = e[None, :]
+        x_prev = tl.zeros([D, C], dtype=tl.float32)
     else:
+        A0 = _op(H0, MODE)
+        A0l = _lo(H0, MODE)
+        Mk = M
+        b = rhs
         lam = (r * f)[:, None]
         eta = (2.0 / ((1.0 + 2.0 * r) * f))[:, None]
         ee = e[:, None]
         x_prev = tl.zeros([C, D], dtype=tl.float32)
-        x = eta * rhs
-        # The first FAST steps take single-pass products: the iteration damps an early step's rounding error by
-        # the remaining steps' contraction (benchmarks/KERNEL_NOTES.md, v4), so only the last steps need the split.
-        for i in range(FAST):
-            om = tl.load(om_ptr + i)
-            ax = ee * _mm(x, H0m, H0l, FAST_MODE, True, ILP) \
-                + _mm(_mm(x, Ktm, Ktm, FAST_MODE, False, ILP) * M, Km, Km, FAST_MODE, False, ILP) + lam * x
-            x_new = om * (x - eta * (ax - rhs)) + (1.0 - om) * x_prev
-            x_prev = x
-            x = x_new
-        for i in range(FAST, N):
-            om = tl.load(om_ptr + i)
-            ax = ee * _mm(x, H0m, H0l, MODE, True, ILP) \
-                + _mm(_mm(x, Ktm, Ktm, MODE, False, ILP) * M, Km, Km, MODE, False, ILP) + lam * x
-            x_new = om * (x - eta * (ax - rhs)) + (1.0 - om) * x_prev
-            x_prev = x
-            x = x_new
-    return x
-
-
-@triton.jit
-def _cheb_solve_t(rhs_t, Km, Ktm, H0tm, H0tl, Mt, e, f, r, om_ptr, C: tl.constexpr, D: tl.constexpr,
-                  N: tl.constexpr, MODE: tl.constexpr, FAST: tl.constexpr, FAST_MODE: tl.constexpr,
-                  ILP: tl.constexpr):
-    """``_cheb_solve`` on xᵀ [D, C] with H0tm / H0tl = H⁰ᵀ cast: each step e ⊙ H⁰ᵀxᵀ + Kᵀ(Mᵀ ∘ Kxᵀ) + λ ⊙ xᵀ,
-    the per-token scalars along the columns."""
-    lam = (r * f)[None, :]
-    eta = (2.0 / ((1.0 + 2.0 * r) * f))[None, :]
-    ee = e[None, :]
-    x_prev = tl.zeros([D, C], dtype=tl.float32)
-    x = eta * rhs_t
+    x = eta * b
+    # The first FAST steps take single-pass products: the iteration damps an early step's rounding error by the
+    # remaining steps' contraction (benchmarks/KERNEL_NOTES.md, v4), so only the last steps need the split.
     for i in range(FAST):
         om = tl.load(om_ptr + i)
-        ax = ee * _mm_t(H0tm, H0tl, x, FAST_MODE, True, ILP) \
-            + _mm_t(Ktm, Ktm, _mm_t(Km, Km, x, FAST_MODE, False, ILP) * Mt, FAST_MODE, False, ILP) + lam * x
-        x_new = om * (x - eta * (ax - rhs_t)) + (1.0 - om) * x_prev
+        x_new = om * (x - eta * (_apply(x, A0, A0l, Km, Ktm, Mk, ee, lam, FAST_MODE, ILP, TRANS) - b)) \
+            + (1.0 - om) * x_prev
         x_prev = x
         x = x_new
     for i in range(FAST, N):
         om = tl.load(om_ptr + i)
-        ax = ee * _mm_t(H0tm, H0tl, x, MODE, True, ILP) \
-            + _mm_t(Ktm, Ktm, _mm_t(Km, Km, x, MODE, False, ILP) * Mt, MODE, False, ILP) + lam * x
-        x_new = om * (x - eta * (ax - rhs_t)) + (1.0 - om) * x_prev
+        x_new = om * (x - eta * (_apply(x, A0, A0l, Km, Ktm, Mk, ee, lam, MODE, ILP, TRANS) - b)) \
+            + (1.0 - om) * x_prev
         x_prev = x
         x = x_new
+    if TRANS:
+        x = tl.trans(x)
     return x
 
 
@@ -248,14 +240,15 @@ def chunk_forward(q, k, v, g, alpha, H0, U0, num_iter: int, ridge_ratio: float, 
     else:
         (o, x, f), gs = out, g
         assert f is None or f.stride() == gs.stride()
+    mode = dot_mode(dot, q.dtype)
     _chunk_solve_kernel[(B * H, NC)](
         q, k, v, gs, alpha, H0, U0, _omegas(num_iter, ridge_ratio, q.device),
         f if solve else gs, x if x is not None else o, o,
         T, H, NC, float(ridge_ratio), float(scale), F_MIN,
         *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(gs), *_strides3(alpha),
         *(_strides3(x) if x is not None else (0, 0, 0)), *_strides3(o),
-        D=D, DV=DV, C=chunk_size, N=num_iter, MODE=dot_mode(dot, q.dtype),
-        **solve_schedule(dot_mode(dot, q.dtype), num_iter), ACC=acc_precision(q.dtype), LOAD_F=False, READOUT=True,
+        D=D, DV=DV, C=chunk_size, N=num_iter, MODE=mode, **solve_schedule(mode, num_iter),
+        ACC=acc_precision(q.dtype), LOAD_F=False, READOUT=True,
         STORE_X=x is not None, num_warps=_num_warps(D, chunk_size),
     )
     return o, x, f
@@ -270,13 +263,14 @@ def chunk_adjoint_solve(rhs: torch.Tensor, k: torch.Tensor, g: torch.Tensor, f: 
     NC = triton.cdiv(T, chunk_size)
     u = torch.empty(B, T, H, D, device=rhs.device, dtype=torch.float32)
     assert g.is_contiguous() and f.is_contiguous() and g.dtype == torch.float32
+    mode = dot_mode(dot, k.dtype)
     _chunk_solve_kernel[(B * H, NC)](
         rhs, k, rhs, g, f, H0, H0, _omegas(num_iter, ridge_ratio, rhs.device), f, u, u,
         T, H, NC, float(ridge_ratio), 1.0, F_MIN,
         *_strides3(rhs), *_strides3(k), *_strides3(rhs), *_strides3(f), *_strides3(f),
         *_strides3(u), *_strides3(u),
-        D=D, DV=D, C=chunk_size, N=num_iter, MODE=dot_mode(dot, k.dtype),
-        **solve_schedule(dot_mode(dot, k.dtype), num_iter), ACC=acc_precision(k.dtype), LOAD_F=True, READOUT=False,
+        D=D, DV=D, C=chunk_size, N=num_iter, MODE=mode, **solve_schedule(mode, num_iter),
+        ACC=acc_precision(k.dtype), LOAD_F=True, READOUT=False,
         STORE_X=True, num_warps=_num_warps(D, chunk_size),
     )
     return u
