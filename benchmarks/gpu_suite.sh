@@ -39,10 +39,13 @@ for s in "${stages[@]}"; do
     compiled)  # torch.compile on the whole model (the GKA kernel stays fenced): the glue fused by inductor
              run_stage compiled 300 python3 benchmarks/models.py --out "$OUT/compiled" --compile --budget-s 240 \
                --models gka_small deit_small_patch16_224 gka_small_alt --sizes 224 1024 2048 ;;
-    schedule) run_stage schedule 200 python3 benchmarks/gpu_kernels_check.py --only schedule ;;
-    fusedglue)  # the opt-in fused glue of the vision mixer (gka_vision/models/scan_qkv.py, merge_norm.py)
-             run_stage fusedglue 240 env GKA_FUSED_GLUE=1 python3 benchmarks/models.py --out "$OUT/fused_glue" \
-               --budget-s 200 --models gka_small gka_small_alt --sizes 224 1024 2048 ;;
+    schedule) run_stage schedule 200 python3 benchmarks/gpu_kernels_check.py --only schedule,profile ;;
+    fusedglue)  # the opt-in fused glue of the vision mixer (gka_vision/models/scan_qkv.py, merge_norm.py) against the
+             # PyTorch glue in the same run (absolute times drift between machines)
+             for glue in 0 1; do
+               run_stage "glue$glue" 150 env GKA_FUSED_GLUE=$glue python3 benchmarks/models.py --out "$OUT/glue$glue" \
+                 --budget-s 110 --models gka_small gka_small_alt --sizes 224 1024 2048
+             done ;;
     lm)      # two peak rates per model, best kept: attention preferred 1e-3 to 3e-3 in a CPU check (0.51 vs 0.40)
              run_stage mqar 330 python3 benchmarks/mqar.py --out "$OUT" --budget-s 290 --lr 1e-3 3e-3
              run_stage decode 150 python3 benchmarks/decode.py --out "$OUT" ;;

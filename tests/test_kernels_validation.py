@@ -141,6 +141,11 @@ def test_triton_tuning_knobs(monkeypatch):
     with pytest.raises(ValueError, match='GKA_TRITON_ACC'):
         acc_precision(torch.bfloat16)
     assert backward_chunk_size(32) == 16 and backward_chunk_size(16) == 16
+    # 64-token chunks only where they were measured faster: bf16, D = 64, longer than one 32-token chunk
+    assert pick_chunk_size(None, 64, 196, torch.bfloat16) == 64 and pick_chunk_size(None, 64, 32, torch.bfloat16) == 32
+    assert pick_chunk_size(None, 128, 4096, torch.bfloat16) == 32 and pick_chunk_size(None, 32, 300, torch.bfloat16) == 32
+    assert pick_chunk_size(None, 64, 4096, torch.float16) == 32 and pick_chunk_size(None, 64, 4096, torch.float32) == 32
+    assert pick_chunk_size(16, 64, 4096, torch.bfloat16) == 16
     monkeypatch.setenv('GKA_TRITON_BWD_CHUNK', '32')
     assert backward_chunk_size(32) == 32
     monkeypatch.setenv('GKA_TRITON_BWD_CHUNK', '48')

@@ -88,7 +88,7 @@ def gka_chunk_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch
         zk = q.new_zeros(B, H, D, D, dtype=torch.float32) if h0 is None else h0.to(torch.float32)
         zv = q.new_zeros(B, H, D, DV, dtype=torch.float32) if u0 is None else u0.to(torch.float32)
         return o, (zk, zv)
-    C = pick_chunk_size(chunk_size, D)
+    C = pick_chunk_size(chunk_size, D, T, q.dtype)
     # x (the solve output) is kept for the backward only; without autograd the forward does not write it
     need_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, g, alpha, h0, u0))
     o, hT, uT = GKATritonFunction.apply(q, k, v, g, alpha, h0, u0, int(num_iter), float(ridge_ratio), scale, C,
