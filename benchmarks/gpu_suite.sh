@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Everything the GPU machine has to check and time (the device lease is short).
-#   bash benchmarks/gpu_suite.sh [stage ...]     stages: setup tests kernels schedule models compiled fusedglue lm demo
+#   bash benchmarks/gpu_suite.sh [stage ...]     stages: setup tests kernels schedule models modelprofile compiled
+#                                               fusedglue lm demo
 #                                               (default: setup tests kernels models lm)
 # One device call may run 10 minutes, so run the stages in three calls, each starting with setup:
 #   setup tests kernels   (~6 min)      setup models   (~6 min)      setup lm   (~8 min)
@@ -35,7 +36,12 @@ for s in "${stages[@]}"; do
         timm.__version__, torch.cuda.get_device_name(), gka_kernels.resolve_backend(None, torch.device(\"cuda\")))"' ;;
     tests)   run_stage tests 240 python3 -m pytest -q -m gpu tests ;;
     kernels) run_stage kernels 180 python3 benchmarks/kernels.py --out "$OUT" ;;
-    models)  run_stage models 300 python3 benchmarks/models.py --out "$OUT" ;;
+    models)  # MODELS_BUDGET seconds (default 270) before the sweep stops starting new measurements
+             run_stage models $((${MODELS_BUDGET:-270} + 60)) python3 benchmarks/models.py --out "$OUT" \
+               --budget-s "${MODELS_BUDGET:-270}" ;;
+    modelprofile)  # where gka_small's time goes at 1024 px (kernel vs projections vs glue), and DeiT-S's
+             run_stage modelprofile 120 bash -c "python3 benchmarks/models.py --out '$OUT' --profile gka_small && \
+               python3 benchmarks/models.py --out '$OUT' --profile deit_small_patch16_224" ;;
     compiled)  # torch.compile on the whole model (the GKA kernel stays fenced): the glue fused by inductor
              run_stage compiled 300 python3 benchmarks/models.py --out "$OUT/compiled" --compile --budget-s 240 \
                --models gka_small deit_small_patch16_224 gka_small_alt --sizes 224 1024 2048 ;;

@@ -278,6 +278,20 @@ def test_mixer_makes_one_stacked_kernel_call(monkeypatch):
     assert kw['num_iter'] == 7 and kw['ridge_ratio'] == 0.03
 
 
+def test_fused_glue_switch(monkeypatch):
+    """The fused glue kernels are the default on CUDA only; GKA_FUSED_GLUE=0 always keeps the PyTorch glue and a
+    head dim without a power-of-two tile falls back to it."""
+    x = torch.randn(2, 4)
+    monkeypatch.delenv('GKA_FUSED_GLUE', raising=False)
+    assert not mixer_module._fused_glue(x, 64)      # a CPU tensor: PyTorch glue unless forced
+    monkeypatch.setenv('GKA_FUSED_GLUE', '0')
+    assert not mixer_module._fused_glue(x, 64)
+    pytest.importorskip('triton', reason='forcing the fused glue needs triton (interpreted on a CPU)')
+    monkeypatch.setenv('GKA_FUSED_GLUE', '1')
+    monkeypatch.setenv('TRITON_INTERPRET', '1')
+    assert mixer_module._fused_glue(x, 64) and not mixer_module._fused_glue(x, 48)
+
+
 def test_mixer_rejects_bad_arguments():
     with pytest.raises(ValueError, match='directions'):
         GKAMixer(16, 2, directions=('row', 'diag'))

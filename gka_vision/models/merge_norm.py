@@ -6,8 +6,8 @@ time of gka_small on the H200, benchmarks/KERNEL_NOTES.md); here one program rea
 block and head once and writes y once. The backward recomputes the sum and writes each direction's gradient row to
 the position it came from (the scatter index is a permutation, so no row is written twice).
 
-Opt-in (``GKA_FUSED_GLUE=1``) until timed on the GPU; the tests check it against the PyTorch path under
-``TRITON_INTERPRET=1``.
+The default on CUDA (``GKA_FUSED_GLUE=0`` opts out); the tests check it against the PyTorch path under
+``TRITON_INTERPRET=1`` and on the GPU.
 """
 from __future__ import annotations
 

@@ -6,8 +6,8 @@ In PyTorch this is a SiLU, a norm, an index_select of the three streams per dire
 here a program reads one token block and head of the conv output and writes its three outputs once. The backward
 gathers each token's n direction gradients through the inverse permutation (no atomics) and also returns ∂β.
 
-Opt-in (``GKA_FUSED_GLUE=1``, with ``merge_norm``) until timed on the GPU; the tests check it against the
-PyTorch path under ``TRITON_INTERPRET=1``.
+The default on CUDA (with ``merge_norm``; ``GKA_FUSED_GLUE=0`` opts out); the tests check it against the PyTorch
+path under ``TRITON_INTERPRET=1`` and on the GPU.
 """
 from __future__ import annotations
 

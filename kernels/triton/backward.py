@@ -110,7 +110,9 @@ def chunk_backward(q, k, v, g, alpha, h0, u0, x, f, do, dHT, dUT, num_iter, r, s
         dgam[:, -1] += _frob_inner(dHT, HT)
     if dUT is not None:
         dgam[:, -1] += _frob_inner(dUT, UT)
-    dg = dgam.flip(1).cumsum(1).flip(1)
+    # suffix sum over time on a [B, H, T] copy: torch scans a middle dim of [B, T, H] with only B·H threads
+    # (0.54 ms of 7.1 at B16 T4096 H6 on the H200), the last dim in parallel
+    dg = dgam.transpose(1, 2).flip(-1).cumsum(-1).flip(-1).transpose(1, 2).contiguous()
     dh0 = dH_init.view(B, H, D, D) if dH_init is not None else None
     return dq, dk, dv, dg, dal, dh0, dU_init.view(B, H, D, DV)
 
