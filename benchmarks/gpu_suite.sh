@@ -36,9 +36,9 @@ for s in "${stages[@]}"; do
         timm.__version__, torch.cuda.get_device_name(), gka_kernels.resolve_backend(None, torch.device(\"cuda\")))"' ;;
     tests)   run_stage tests 240 python3 -m pytest -q -m gpu tests ;;
     kernels) run_stage kernels 180 python3 benchmarks/kernels.py --out "$OUT" ;;
-    models)  # MODELS_BUDGET seconds (default 270) before the sweep stops starting new measurements
+    models)  # MODELS_BUDGET seconds (default 270) before the sweep stops starting new measurements; MODELS_ARGS: more flags
              run_stage models $((${MODELS_BUDGET:-270} + 60)) python3 benchmarks/models.py --out "$OUT" \
-               --budget-s "${MODELS_BUDGET:-270}" ;;
+               --budget-s "${MODELS_BUDGET:-270}" ${MODELS_ARGS:-} ;;
     modelprofile)  # where gka_small's time goes at 1024 px (kernel vs projections vs glue), and DeiT-S's
              run_stage modelprofile 120 bash -c "python3 benchmarks/models.py --out '$OUT' --profile gka_small && \
                python3 benchmarks/models.py --out '$OUT' --profile deit_small_patch16_224" ;;

@@ -278,6 +278,21 @@ def test_mixer_makes_one_stacked_kernel_call(monkeypatch):
     assert kw['num_iter'] == 7 and kw['ridge_ratio'] == 0.03
 
 
+@pytest.mark.parametrize('channels_last', [False, True])
+def test_residual_stream_is_contiguous(channels_last):
+    """The token grid leaves the embedding and every block contiguous in NHWC, whatever the image's memory format:
+    a permuted residual stream makes each LayerNorm copy it and each residual add take the strided path."""
+    m = timm.create_model('gka_tiny', img_size=64, depth=2)
+    x = torch.randn(2, 3, 64, 64)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    t = m._embed(x)
+    assert t.is_contiguous()
+    for blk in m.blocks:
+        t = blk(t)
+        assert t.is_contiguous()
+
+
 def test_fused_glue_switch(monkeypatch):
     """The fused glue kernels are the default on CUDA only; GKA_FUSED_GLUE=0 always keeps the PyTorch glue and a
     head dim without a power-of-two tile falls back to it."""

@@ -363,7 +363,10 @@ class GKANet(nn.Module):
         """Image [B, C, H, W] → position-embedded token grid [B, Hg, Wg, d]."""
         x = check_image_size(
             x, self.patch_embed.patch_size, self.patch_embed.img_size, self.dynamic_img_size, self.dynamic_img_pad)
-        x = self.patch_embed(x)
+        # timm's NHWC patch embed is a permuted view of the conv's NCHW output; made contiguous once here, or the
+        # whole residual stream inherits that layout and every LayerNorm copies it (12 % of gka_small's
+        # inference at 1024 px on the H200)
+        x = self.patch_embed(x).contiguous()
         if self.pos_embed is not None:
             if self.dynamic_img_size:
                 x = x + resample_abs_pos_embed_nhwc(self.pos_embed, new_size=[x.shape[1], x.shape[2]])
