@@ -142,7 +142,8 @@ def test_triton_tuning_knobs(monkeypatch):
         acc_precision(torch.bfloat16)
     assert backward_chunk_size(32) == 16 and backward_chunk_size(16) == 16
     # 64-token chunks only where they were measured faster: bf16, D = 64, longer than one 32-token chunk
-    assert pick_chunk_size(None, 64, 196, torch.bfloat16) == 64 and pick_chunk_size(None, 64, 32, torch.bfloat16) == 32
+    assert pick_chunk_size(None, 64, 196, torch.bfloat16) == 64
+    assert pick_chunk_size(None, 64, 32, torch.bfloat16) == 32
     assert pick_chunk_size(None, 128, 4096, torch.bfloat16) == 32 and pick_chunk_size(None, 32, 300, torch.bfloat16) == 32
     assert pick_chunk_size(None, 64, 4096, torch.float16) == 32 and pick_chunk_size(None, 64, 4096, torch.float32) == 32
     assert pick_chunk_size(16, 64, 4096, torch.bfloat16) == 16
@@ -157,6 +158,21 @@ def test_triton_tuning_knobs(monkeypatch):
     assert solve_schedule(5, 30) == dict(FAST=0, FAST_MODE=2, ILP=True, TRANS=False)
     monkeypatch.setenv('GKA_TRITON_FAST_ITERS', '40')
     assert solve_schedule(5, 30)['FAST'] == 30 and solve_schedule(0, 30)['FAST'] == 0   # no split: nothing to skip
+
+
+def test_triton_forward_pieces(monkeypatch):
+    """The forward's launches: segments at the chosen chunk size, and with GKA_TRITON_TAIL=1 a ragged last chunk at
+    the smallest chunk size that holds it (never when that is the chosen size already)."""
+    pytest.importorskip('triton', reason='the launch plan belongs to the Triton backend')
+    from gka_kernels.triton.config import forward_pieces
+    monkeypatch.delenv('GKA_TRITON_TAIL', raising=False)
+    assert forward_pieces(196, 4096, 64) == [(0, 196, 64)]
+    assert forward_pieces(300, 128, 64) == [(0, 128, 64), (128, 256, 64), (256, 300, 64)]
+    monkeypatch.setenv('GKA_TRITON_TAIL', '1')
+    assert forward_pieces(196, 4096, 64) == [(0, 192, 64), (192, 196, 16)]
+    assert forward_pieces(300, 128, 64) == [(0, 128, 64), (128, 256, 64), (256, 300, 64)]   # a 44-token tail
+    assert forward_pieces(77, 4096, 32) == [(0, 64, 32), (64, 77, 16)]
+    assert forward_pieces(256, 4096, 64) == [(0, 256, 64)] and forward_pieces(20, 4096, 64) == [(0, 20, 64)]
 
 
 def test_triton_segment_length(monkeypatch):

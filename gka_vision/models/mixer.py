@@ -147,8 +147,9 @@ class GKAMixer(nn.Module):
         idx = scan_index(self.directions, Hg, Wg, x.device)
 
         fused = _fused_glue(x, D)
-        qkv = self.qkv(x).permute(0, 3, 1, 2)
-        raw = self.conv(qkv).permute(0, 2, 3, 1)   # [B, Hg, Wg, 3·H·D], before the SiLU
+        # [B, Hg, Wg, 3·H·D] before the SiLU; the projection itself is not kept (without autograd it is freed here,
+        # 3·H·D per token off the inference peak)
+        raw = self.conv(self.qkv(x).permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
 
         gates = self.gate_proj(x).reshape(B, L, n, 3, H)
         if idx.identity:

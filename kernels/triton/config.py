@@ -11,7 +11,7 @@ from ..validation import GKAInputError
 
 __all__ = [
     'HEAD_DIMS', 'CHUNK_SIZES', 'check_triton_inputs', 'unsupported_reason', 'pick_chunk_size', 'backward_chunk_size',
-    'segment_length', 'solve_dot_mode', 'F_MIN',
+    'segment_length', 'forward_pieces', 'solve_dot_mode', 'F_MIN',
 ]
 
 HEAD_DIMS = (32, 64, 128)
@@ -91,6 +91,27 @@ def segment_length(B: int, H: int, D: int, DV: int, T: int, chunk: int) -> int:
     per_chunk = B * H * D * (D + DV) * 4
     chunks = max((256 << 20) // per_chunk, -(-4096 // (B * H)), 1)
     return chunks * chunk
+
+
+def forward_pieces(T: int, segment: int, chunk: int):
+    """The forward's launches as (start, end, chunk size), chained through their final states.
+
+    Segments of ``segment`` tokens at the chosen chunk size; with ``GKA_TRITON_TAIL=1`` a ragged last chunk runs as
+    its own launch at the smallest chunk size that holds it, so T = 196 at C = 64 computes 192 + 16 padded tokens
+    instead of 256 (the solve's cost is per padded token). Opt-in until timed on the GPU: the tail launch has few
+    programs and smaller tiles (benchmarks/KERNEL_NOTES.md, v8)."""
+    body = T
+    tail_chunk = None
+    if os.environ.get('GKA_TRITON_TAIL', '0') == '1' and T > chunk and T % chunk:
+        tail_chunk = min(c for c in CHUNK_SIZES if c >= T % chunk)
+        if tail_chunk < chunk:
+            body = T - T % chunk
+        else:
+            tail_chunk = None
+    pieces = [(s, min(body, s + segment), chunk) for s in range(0, body, segment)]
+    if tail_chunk is not None:
+        pieces.append((body, T, tail_chunk))
+    return pieces
 
 
 def solve_dot_mode(dtype: torch.dtype) -> str:

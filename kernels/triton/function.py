@@ -7,7 +7,7 @@ import torch
 
 from ..precision import autocast_off
 from .backward import chunk_backward
-from .config import check_triton_inputs, pick_chunk_size, segment_length, solve_dot_mode
+from .config import check_triton_inputs, forward_pieces, pick_chunk_size, segment_length, solve_dot_mode
 from .solve import acc_precision, chunk_forward
 from .state_pass import chunk_states
 
@@ -27,27 +27,27 @@ class GKATritonFunction(torch.autograd.Function):
         prec = acc_precision(q.dtype)
         B, T, H, D = q.shape
         DV = v.shape[-1]
-        S = segment_length(B, H, D, DV, T, chunk_size)
-        if S >= T:
+        pieces = forward_pieces(T, segment_length(B, H, D, DV, T, chunk_size), chunk_size)
+        if len(pieces) == 1:
             H0s, HT = chunk_states(k, k, g, h0, chunk_size, prec=prec)
             U0s, UT = chunk_states(k, v, g, u0, chunk_size, prec=prec)
             o, x, f = chunk_forward(q, k, v, g, alpha, H0s, U0s, num_iter, ridge_ratio, scale, chunk_size, dot,
                                     store_x=need_grad)
         else:
-            # segments chained through their final states: only one segment's chunk states exist at a time
+            # launches chained through their final states: only one segment's chunk states exist at a time
             solve = num_iter > 0
             o = q.new_empty(B, T, H, DV)
             x = q.new_empty(B, T, H, D, dtype=torch.float32) if solve and need_grad else None
             f = torch.empty_like(g) if solve else None
             HT, UT = h0, u0
-            for s in range(0, T, S):
-                sl = slice(s, min(T, s + S))
+            for start, end, C in pieces:
+                sl = slice(start, end)
                 ks, gs = k[:, sl], g[:, sl]
-                H0s, HT = chunk_states(ks, ks, gs, HT, chunk_size, prec=prec)
-                U0s, UT = chunk_states(ks, v[:, sl], gs, UT, chunk_size, prec=prec)
+                H0s, HT = chunk_states(ks, ks, gs, HT, C, prec=prec)
+                U0s, UT = chunk_states(ks, v[:, sl], gs, UT, C, prec=prec)
                 seg_out = tuple(t[:, sl] if t is not None else None for t in (o, x, f))
                 chunk_forward(q[:, sl], ks, v[:, sl], gs, alpha[:, sl], H0s, U0s, num_iter, ridge_ratio, scale,
-                              chunk_size, dot, store_x=need_grad, out=seg_out)
+                              C, dot, store_x=need_grad, out=seg_out)
             del H0s, U0s
         ctx.save_for_backward(q, k, v, g, alpha, h0, u0, x, f)
         ctx.cfg = (num_iter, ridge_ratio, scale, chunk_size, dot)
