@@ -156,6 +156,10 @@ def test_triton_tuning_knobs(monkeypatch):
     with pytest.raises(GKAInputError, match='GKA_TRITON_CHUNK'):
         pick_chunk_size(None, 64)
     assert solve_schedule(5, 30) == dict(FAST=0, FAST_MODE=2, ILP=True, TRANS=False)
+    from gka_kernels.triton.solve import dot_mode
+    assert dot_mode('h16x2', torch.bfloat16, 0.02) == 6 and dot_mode('h16x2', torch.float16, 0.02) == 7
+    assert dot_mode('h16x2', torch.bfloat16, 1e-4) == 5   # fp16 rows need r ≥ 1e-3: the default split instead
+    assert dot_mode('bf16x3', torch.bfloat16) == 5 and dot_mode('bf16x3', torch.float16) == 4
     monkeypatch.setenv('GKA_TRITON_FAST_ITERS', '40')
     assert solve_schedule(5, 30)['FAST'] == 30 and solve_schedule(0, 30)['FAST'] == 0   # no split: nothing to skip
 

@@ -114,7 +114,7 @@ def test_fp16_matches_torch_backend():
     ins = [t.to(torch.float16).double() if i != 3 else t for i, t in enumerate(make_inputs(B, T, H, D, torch.float64))]
     do = torch.randn(B, T, H, D, dtype=torch.float64)
     ref = _run('torch', ins, torch.float64, N, C, None, do, None)
-    for mode in ('bf16x3', 'tf32', 'lowp'):
+    for mode in ('bf16x3', 'tf32', 'lowp', 'h16x2'):   # h16x2: fp16 H⁰ products on rescaled rows (MODE 7)
         os.environ['GKA_TRITON_DOT'] = mode
         try:
             out = _run('triton', ins, torch.float16, N, C, None, do, None)

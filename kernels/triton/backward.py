@@ -90,7 +90,7 @@ def chunk_backward(q, k, v, g, alpha, h0, u0, x, f, do, dHT, dUT, num_iter, r, s
     dgam = torch.empty(B, T, H, device=q.device, dtype=f32)
     dal = torch.empty(B, T, H, device=q.device, dtype=f32) if solve else torch.zeros(B, T, H, device=q.device)
     inc = torch.empty_like(H0s) if solve else None
-    mode = dot_mode(dot, q.dtype)
+    mode = dot_mode(dot, q.dtype, r)
     _bwd_chunk_kernel[(B * H, NC)](
         q, k, v, g, alpha, x if solve else q, f if solve else g, do, H0s, U0s, RU,
         _omegas(num_iter, r, q.device), dq, dk, dv, dgam, dal, inc if solve else H0s,

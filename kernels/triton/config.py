@@ -128,10 +128,11 @@ def solve_dot_mode(dtype: torch.dtype) -> str:
     'tf32x3': three tf32 dots per product (fp32-like accuracy).
     'tf32': fp32 operands rounded to tf32 (10-bit mantissa).
     'lowp': operands cast to the input's 16-bit dtype (the reference kernels' choice), fp32 accumulation.
+    'h16x2': 'bf16x3' with the H⁰ product as two fp16 MMAs on rescaled rows (solve.dot_mode; opt-in until timed).
     ``GKA_TRITON_DOT`` overrides the choice for 16-bit inputs (benchmarks)."""
     if dtype == torch.float32:
         return 'ieee'
     mode = os.environ.get('GKA_TRITON_DOT', 'bf16x3')
-    if mode not in ('ieee', 'tf32', 'tf32x3', 'bf16x3', 'lowp'):
-        raise GKAInputError(f'GKA_TRITON_DOT must be ieee, tf32, tf32x3, bf16x3 or lowp, got {mode!r}')
+    if mode not in ('ieee', 'tf32', 'tf32x3', 'bf16x3', 'lowp', 'h16x2'):
+        raise GKAInputError(f'GKA_TRITON_DOT must be ieee, tf32, tf32x3, bf16x3, lowp or h16x2, got {mode!r}')
     return mode

@@ -99,6 +99,21 @@ def _mm_t(a, a_lo, b, MODE: tl.constexpr, SPLIT_A: tl.constexpr, ILP: tl.constex
 
 
 @triton.jit
+def _mm16(y, a16, ILP: tl.constexpr = True):
+    """y @ a16 for an iterate y pre-scaled to O(1) rows and a constant a16 already in fp16 (normalised H⁰): y split
+    into fp16 hi + lo, two fp16 MMAs. a16's own rounding (2^-12 relative, a fixed perturbation of the operator)
+    is left in: in the float64 emulation of benchmarks/solve_precision.py it adds 2e-4 to o, where bf16 for H⁰
+    adds 1.6e-3."""
+    y_hi = y.to(tl.float16)
+    y_lo = (y - y_hi.to(tl.float32)).to(tl.float16)
+    if ILP:
+        out = tl.dot(y_hi, a16) + tl.dot(y_lo, a16)
+    else:
+        out = tl.dot(y_hi, a16, tl.dot(y_lo, a16))
+    return out
+
+
+@triton.jit
 def _xdot(a, b, AX: tl.constexpr, BX: tl.constexpr, ACC: tl.constexpr):
     """a @ b with fp32 accumulation for fp32 tiles a, b. ACC: 'ieee', 'tf32', 'tf32x3' (tl.dot's precisions) or
     'bf16x3' (bf16 inputs only): hi/lo bf16 splits of the operands that are not exact in bf16 (AX / BX false)."""

@@ -15,15 +15,22 @@ import triton.language as tl
 
 from ..chebyshev import chebyshev_omegas
 from .config import F_MIN
-from .dots import _lo, _mm, _mm_t, _op, _xdot
+from .dots import _lo, _mm, _mm16, _mm_t, _op, _xdot
 
 
 @triton.jit
-def _apply(x, A0, A0l, Km, Ktm, Mk, ee, lam, MODE: tl.constexpr, ILP: tl.constexpr, TRANS: tl.constexpr):
+def _apply(x, A0, A0l, Km, Ktm, Mk, ee, lam, ys, MODE: tl.constexpr, ILP: tl.constexpr, TRANS: tl.constexpr):
     """(H_τ + λ_τ I) applied to the iterate: rows x [C, D] with A0 = H⁰, Mk = M; or (TRANS) columns xᵀ [D, C] with
     A0 = H⁰ᵀ, Mk = Mᵀ (the row form multiplies by H⁰ from the right, i.e. applies H⁰ᵀ: an initial state may be
-    non-symmetric)."""
-    if TRANS:
+    non-symmetric). MODE 6 / 7 (rows only): A0 = fp16(H⁰ / ‖H⁰‖), the H⁰ product on the rows scaled by ys [C, 1]
+    (to O(1 / r), fp16's range), ee = e·‖H⁰‖ / ys; the in-chunk products as MODE 5 (6) or 4 (7)."""
+    if MODE == 6:
+        out = ee * _mm16(x * ys, A0, ILP) \
+            + _mm(_mm(x, Ktm, Ktm, 5, False, ILP) * Mk, Km, Km, 5, False, ILP) + lam * x
+    elif MODE == 7:
+        out = ee * _mm16(x * ys, A0, ILP) \
+            + _mm(_mm(x, Ktm, Ktm, 4, False, ILP) * Mk, Km, Km, 4, False, ILP) + lam * x
+    elif TRANS:
         out = ee * _mm_t(A0, A0l, x, MODE, True, ILP) \
             + _mm_t(Ktm, Ktm, _mm_t(Km, Km, x, MODE, False, ILP) * Mk, MODE, False, ILP) + lam * x
     else:
@@ -42,8 +49,16 @@ def _cheb_solve(rhs, K, Kt, H0, M, e, f, r, om_ptr, C: tl.constexpr, D: tl.const
     must be exact in bf16 (bf16 inputs); H⁰ and the masked scores are split into hi + lo. TRANS iterates on xᵀ
     [D, C] instead, so two of the three products have D rows (H⁰ᵀxᵀ and Kᵀ(Mᵀ∘Kxᵀ)): M = 64 tiles, which
     Hopper's wgmma needs, where the row form has C = 32 (benchmarks/KERNEL_NOTES.md, v6; opt-in until timed)."""
-    Km = _op(K, MODE)
-    Ktm = _op(Kt, MODE)
+    if MODE == 6:   # the in-chunk products of MODE 6 / 7 run as MODE 5 / 4
+        Km = _op(K, 5)
+        Ktm = _op(Kt, 5)
+    elif MODE == 7:
+        Km = _op(K, 4)
+        Ktm = _op(Kt, 4)
+    else:
+        Km = _op(K, MODE)
+        Ktm = _op(Kt, MODE)
+    ys = f[:, None]   # unused placeholder outside MODE 6 / 7
     if TRANS:
         A0 = tl.trans(_op(H0, MODE))
         A0l = tl.trans(_lo(H0, MODE))
@@ -54,26 +69,35 @@ def _cheb_solve(rhs, K, Kt, H0, M, e, f, r, om_ptr, C: tl.constexpr, D: tl.const
         ee = e[None, :]
         x_prev = tl.zeros([D, C], dtype=tl.float32)
     else:
-        A0 = _op(H0, MODE)
-        A0l = _lo(H0, MODE)
         Mk = M
         b = rhs
         lam = (r * f)[:, None]
         eta = (2.0 / ((1.0 + 2.0 * r) * f))[:, None]
         ee = e[:, None]
+        if MODE >= 6:
+            # ‖x_τ‖ ≤ ‖rhs_τ‖ / (r f_τ), so rows scaled by f_τ / ‖rhs_τ‖ stay within 1 / r of the origin (fp16 holds
+            # them for r ≥ 1e-3, which dot_mode checks); H⁰ / ‖H⁰‖ has entries ≤ 1
+            hn = tl.maximum(tl.sqrt(tl.sum(tl.sum(H0 * H0, 1), 0)), 1e-30)
+            ys = (f / tl.maximum(tl.sqrt(tl.sum(rhs * rhs, 1)), 1e-20))[:, None]
+            A0 = (H0 / hn).to(tl.float16)
+            A0l = A0
+            ee = ee * hn / ys
+        else:
+            A0 = _op(H0, MODE)
+            A0l = _lo(H0, MODE)
         x_prev = tl.zeros([C, D], dtype=tl.float32)
     x = eta * b
     # The first FAST steps take single-pass products: the iteration damps an early step's rounding error by the
     # remaining steps' contraction (benchmarks/KERNEL_NOTES.md, v4), so only the last steps need the split.
     for i in range(FAST):
         om = tl.load(om_ptr + i)
-        x_new = om * (x - eta * (_apply(x, A0, A0l, Km, Ktm, Mk, ee, lam, FAST_MODE, ILP, TRANS) - b)) \
+        x_new = om * (x - eta * (_apply(x, A0, A0l, Km, Ktm, Mk, ee, lam, ys, FAST_MODE, ILP, TRANS) - b)) \
             + (1.0 - om) * x_prev
         x_prev = x
         x = x_new
     for i in range(FAST, N):
         om = tl.load(om_ptr + i)
-        x_new = om * (x - eta * (_apply(x, A0, A0l, Km, Ktm, Mk, ee, lam, MODE, ILP, TRANS) - b)) \
+        x_new = om * (x - eta * (_apply(x, A0, A0l, Km, Ktm, Mk, ee, lam, ys, MODE, ILP, TRANS) - b)) \
             + (1.0 - om) * x_prev
         x_prev = x
         x = x_new
@@ -157,10 +181,18 @@ def _chunk_solve_kernel(
 _MODES = {'ieee': 0, 'tf32': 1, 'tf32x3': 4, 'bf16x3': 5}
 
 
-def dot_mode(dot: str, dtype: torch.dtype) -> int:
-    """The kernels' MODE number of a ``config.solve_dot_mode`` name for inputs of ``dtype``."""
+def dot_mode(dot: str, dtype: torch.dtype, ridge_ratio: Optional[float] = None) -> int:
+    """The kernels' MODE number of a ``config.solve_dot_mode`` name for inputs of ``dtype``.
+
+    'h16x2' (opt-in): the H⁰ product as two fp16 MMAs on rescaled rows, the in-chunk products as in 'bf16x3'
+    (bf16 inputs: MODE 6) or 'tf32x3' (fp16: MODE 7); 6 bf16 MMAs per step instead of 7. Its rescaling needs
+    r ≥ 1e-3 (iterate rows within 1 / r of the origin in fp16); smaller ridge ratios keep the default split."""
     if dot == 'lowp':
         return 3 if dtype == torch.float16 else 2
+    if dot == 'h16x2':
+        if ridge_ratio is not None and ridge_ratio < 1e-3:
+            return dot_mode('bf16x3', dtype)
+        return 6 if dtype == torch.bfloat16 else 7
     if dot == 'bf16x3' and dtype != torch.bfloat16:
         return 4   # the split needs keys exact in bf16, and fp16 iterates can overflow
     return _MODES[dot]
@@ -175,7 +207,7 @@ def solve_schedule(mode: int, num_iter: int) -> dict:
     fast_mode = {5: 2, 4: 1}.get(mode, mode)
     fast = int(os.environ.get('GKA_TRITON_FAST_ITERS', '0')) if fast_mode != mode else 0
     ilp = os.environ.get('GKA_TRITON_ILP', '1') != '0'
-    trans = os.environ.get('GKA_TRITON_SOLVE_T', '0') == '1'
+    trans = os.environ.get('GKA_TRITON_SOLVE_T', '0') == '1' and mode < 6   # MODE 6 / 7: rows only
     return dict(FAST=max(0, min(fast, num_iter)), FAST_MODE=fast_mode, ILP=ilp, TRANS=trans)
 
 
@@ -240,7 +272,7 @@ def chunk_forward(q, k, v, g, alpha, H0, U0, num_iter: int, ridge_ratio: float, 
     else:
         (o, x, f), gs = out, g
         assert f is None or f.stride() == gs.stride()
-    mode = dot_mode(dot, q.dtype)
+    mode = dot_mode(dot, q.dtype, ridge_ratio)
     _chunk_solve_kernel[(B * H, NC)](
         q, k, v, gs, alpha, H0, U0, _omegas(num_iter, ridge_ratio, q.device),
         f if solve else gs, x if x is not None else o, o,
@@ -263,7 +295,7 @@ def chunk_adjoint_solve(rhs: torch.Tensor, k: torch.Tensor, g: torch.Tensor, f: 
     NC = triton.cdiv(T, chunk_size)
     u = torch.empty(B, T, H, D, device=rhs.device, dtype=torch.float32)
     assert g.is_contiguous() and f.is_contiguous() and g.dtype == torch.float32
-    mode = dot_mode(dot, k.dtype)
+    mode = dot_mode(dot, k.dtype, ridge_ratio)
     _chunk_solve_kernel[(B * H, NC)](
         rhs, k, rhs, g, f, H0, H0, _omegas(num_iter, ridge_ratio, rhs.device), f, u, u,
         T, H, NC, float(ridge_ratio), 1.0, F_MIN,
