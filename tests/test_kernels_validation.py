@@ -144,7 +144,8 @@ def test_triton_tuning_knobs(monkeypatch):
     # 64-token chunks only where they were measured faster: bf16, D = 64, longer than one 32-token chunk
     assert pick_chunk_size(None, 64, 196, torch.bfloat16) == 64
     assert pick_chunk_size(None, 64, 32, torch.bfloat16) == 32
-    assert pick_chunk_size(None, 128, 4096, torch.bfloat16) == 32 and pick_chunk_size(None, 32, 300, torch.bfloat16) == 32
+    assert pick_chunk_size(None, 128, 4096, torch.bfloat16) == 32
+    assert pick_chunk_size(None, 32, 300, torch.bfloat16) == 32
     assert pick_chunk_size(None, 64, 4096, torch.float16) == 32 and pick_chunk_size(None, 64, 4096, torch.float32) == 32
     assert pick_chunk_size(16, 64, 4096, torch.bfloat16) == 16
     monkeypatch.setenv('GKA_TRITON_BWD_CHUNK', '32')
