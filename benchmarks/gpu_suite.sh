@@ -3,8 +3,10 @@
 #   bash benchmarks/gpu_suite.sh [stage ...]     stages: setup tests kernels schedule models modelprofile compiled
 #                                               fusedglue lm demo
 #                                               (default: setup tests kernels models lm)
-# One device call may run 10 minutes, so run the stages in three calls, each starting with setup:
-#   setup tests kernels   (~6 min)      setup models   (~6 min)      setup lm   (~8 min)
+# One device call may run 10 minutes, so run the stages in a few calls, each starting with setup. Measured stage
+# times on the H200 (2026-11-29): setup 15 s, tests ~2 min, schedule ~1.5 min, kernels 45 s, models ~6 min for all
+# 12 models (MODELS_BUDGET=470), modelprofile 30 s, compiled 4.5 min, fusedglue 70 s, demo 35 s, lm ~8 min. E.g.
+#   setup tests schedule kernels      setup models      setup modelprofile demo fusedglue
 # Writes logs, JSON, markdown and PNGs under $OUT (default benchmarks/results). Each stage has its own time limit
 # and a failing stage does not stop the others; the exit code is the number of failed stages.
 set -uo pipefail
