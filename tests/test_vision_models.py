@@ -307,6 +307,27 @@ def test_fused_glue_switch(monkeypatch):
     assert mixer_module._fused_glue(x, 64) and not mixer_module._fused_glue(x, 48)
 
 
+def test_mixer_frees_its_projections_before_the_kernel(monkeypatch):
+    """Without autograd the qkv projection and the conv output are gone when the GKA kernel runs: they are the
+    largest tensors of the mixer besides the kernel's own inputs (3·H·D per token each), so keeping either one
+    raises the inference peak."""
+    import weakref
+    seen = {}
+
+    def spy(q, k, v, g, alpha, num_iter, ridge_ratio, backend):
+        seen['alive'] = {name: ref() is not None for name, ref in refs.items()}
+        return gka_chunk(q, k, v, g, alpha, num_iter=num_iter, ridge_ratio=ridge_ratio, backend=backend)
+
+    mixer = GKAMixer(32, 2, head_dim=16, directions=('row', 'row_rev'), num_iter=3)
+    refs = {}
+    mixer.qkv.register_forward_hook(lambda m, i, o: refs.__setitem__('qkv', weakref.ref(o)))
+    mixer.conv.register_forward_hook(lambda m, i, o: refs.__setitem__('conv', weakref.ref(o)))
+    monkeypatch.setattr(mixer_module, '_gka_kernel', spy)
+    with torch.no_grad():
+        mixer(torch.randn(2, 4, 5, 32))
+    assert seen['alive'] == {'qkv': False, 'conv': False}
+
+
 def test_mixer_rejects_bad_arguments():
     with pytest.raises(ValueError, match='directions'):
         GKAMixer(16, 2, directions=('row', 'diag'))
