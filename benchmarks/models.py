@@ -8,6 +8,11 @@ gradients and AdamW state, which exist after the warm-up step). An out-of-memory
     python benchmarks/models.py --out benchmarks/results            # GPU: the full table and plots
     python benchmarks/models.py --cpu --out benchmarks/results      # CPU inference at 224 px, batch 1
     python benchmarks/models.py --profile gka_small --img-size 1024 # where the time goes (kernel / proj / glue)
+    python benchmarks/models.py --replot --merge A/models.json B/models.json --out DIR   # one table from two runs
+
+A run cut short by its time budget can be completed by a later run of the missing models; ``--merge`` fills the
+cells a run did not measure from earlier runs' JSON, marks them (†) and computes every GKA / DeiT ratio from
+cells of one run only.
 """
 from __future__ import annotations
 
@@ -184,10 +189,13 @@ def markdown(rows: List[Dict], mode: str) -> str:
             elif r.get('skipped'):
                 cells.append('not run')
             elif 'act_gib' in r:
-                cells.append(f"{r['img_s']:,.1f} ({r['act_gib']:.2f})")
+                cells.append(f"{r['img_s']:,.1f} ({r['act_gib']:.2f})" + ('†' if r.get('run') else ''))
             else:
-                cells.append(f"{r['img_s']:,.1f} ({r['ms']:.1f} ms)")
+                cells.append(f"{r['img_s']:,.1f} ({r['ms']:.1f} ms)" + ('†' if r.get('run') else ''))
         lines.append(f'| {m} | ' + ' | '.join(cells) + ' |')
+    runs = sorted({r['run'] for r in rows if r.get('run') and r['mode'] == mode})
+    if runs:
+        lines += ['', '† measured in an earlier run: ' + ', '.join(runs)]
     return '\n'.join(lines)
 
 
@@ -201,7 +209,8 @@ def ratios(rows: List[Dict], mode: str) -> str:
                 a = next((r for r in rows if r['model'] == f'gka_{size}{v}' and r['img_size'] == s
                           and r['mode'] == mode and 'img_s' in r), None)
                 b = next((r for r in rows if r['model'] == f'deit_{size}_patch16_224' and r['img_size'] == s
-                          and r['mode'] == mode and 'img_s' in r), None)
+                          and r['mode'] == mode and 'img_s' in r and r.get('run') == a.get('run')), None) \
+                    if a else None   # a ratio only within one run: absolute speeds drift between machines
                 cells.append(f"{a['img_s'] / b['img_s']:.2f}× / mem {a['act_gib'] / b['act_gib']:.2f}×"
                              if a and b else '–')
             out.append(f'| gka_{size}{v} | ' + ' | '.join(cells) + ' |')
@@ -215,8 +224,11 @@ def plot(rows: List[Dict], mode: str, path: pathlib.Path, title: str):
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 5))
     colors = {'tiny': 'tab:blue', 'small': 'tab:orange', 'base': 'tab:green'}
     for m in dict.fromkeys(r['model'] for r in rows if r['mode'] == mode):
-        pts = sorted((r['img_size'], r['img_s'], r['act_gib']) for r in rows
-                     if r['model'] == m and r['mode'] == mode and 'img_s' in r)
+        first = {}   # one point per size: this run's, else the first merged run's
+        for r in rows:
+            if r['model'] == m and r['mode'] == mode and 'img_s' in r:
+                first.setdefault(r['img_size'], (r['img_size'], r['img_s'], r['act_gib']))
+        pts = sorted(first.values())
         if not pts:
             continue
         size = next(s for s in colors if s in m)
@@ -237,6 +249,18 @@ def plot(rows: List[Dict], mode: str, path: pathlib.Path, title: str):
     fig.savefig(path, dpi=120)
 
 
+def merge_rows(rows: List[Dict], files: List[str]) -> List[Dict]:
+    """This run's rows, then every measured row of the earlier runs in ``files`` (labelled with their run), minus
+    this run's 'not run' rows for cells an earlier run measured. Tables show the first row of a cell."""
+    merged = []
+    for f in files:
+        label = pathlib.Path(f).parent.name or f
+        merged += [dict(r, run=r.get('run') or label) for r in json.loads(pathlib.Path(f).read_text())['rows']
+                   if not r.get('skipped')]
+    filled = {(r['model'], r['img_size'], r['mode']) for r in merged}
+    return [r for r in rows if not (r.get('skipped') and (r['model'], r['img_size'], r['mode']) in filled)] + merged
+
+
 def main(argv: Optional[List[str]] = None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--out', default='benchmarks/results')
@@ -251,6 +275,10 @@ def main(argv: Optional[List[str]] = None):
     p.add_argument('--cpu', action='store_true', help='CPU inference at 224 px, batch 1')
     p.add_argument('--profile', metavar='MODEL', help='profile one model at --img-size instead of the sweep')
     p.add_argument('--img-size', type=int, default=1024)
+    p.add_argument('--merge', nargs='*', default=[], metavar='JSON',
+                   help="earlier runs' models.json: their measured cells fill the cells this run did not measure")
+    p.add_argument('--replot', action='store_true',
+                   help='measure nothing: tables and plots from the first --merge file, completed by the others')
     args = p.parse_args(argv)
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -274,11 +302,17 @@ def main(argv: Optional[List[str]] = None):
         print(table)
         return
 
-    import triton
-    env.update(device=torch.cuda.get_device_name(), triton=triton.__version__, compile=args.compile)
     rows = []
+    if args.replot:
+        if not args.merge:
+            p.error('--replot needs --merge files')
+        first = json.loads(pathlib.Path(args.merge[0]).read_text())   # the main run: its cells unmarked
+        env, rows, args.merge = first['env'], first['rows'], args.merge[1:]
+    else:
+        import triton
+        env.update(device=torch.cuda.get_device_name(), triton=triton.__version__, compile=args.compile)
     t_start = time.time()
-    for m in args.models:
+    for m in ([] if args.replot else args.models):
         for mode in args.modes:
             batches = INFER_BATCH if mode == 'infer' else TRAIN_BATCH
             for s in args.sizes:
@@ -292,6 +326,8 @@ def main(argv: Optional[List[str]] = None):
                       + ('OOM' if r.get('oom') else f"{r['img_s']:10.1f} img/s  act {r['act_gib']:.2f} GiB")
                       + f'  ({time.time() - t0:.1f}s)', flush=True)
                 (out / 'models.json').write_text(json.dumps(dict(env=env, rows=rows), indent=1))
+    rows = merge_rows(rows, args.merge)
+    (out / 'models.json').write_text(json.dumps(dict(env=env, rows=rows, merged=args.merge), indent=1))
     md = [f"Environment: {env}", '']
     for mode in args.modes:
         md += [f'### {mode}', '', markdown(rows, mode), '', ratios(rows, mode), '']

@@ -1,0 +1,36 @@
+"""benchmarks/models.py without a GPU: completing a budget-cut GPU run from an earlier one (--replot --merge)."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, 'benchmarks'))
+
+import models as mb  # noqa: E402
+
+
+def _row(model, size, mode, img_s, act=1.0, **kw):
+    return dict(model=model, img_size=size, batch=1, mode=mode, img_s=img_s, act_gib=act, ms=1e3 / img_s, **kw)
+
+
+def test_merge_fills_unmeasured_cells_and_keeps_ratios_within_one_run(tmp_path):
+    env = dict(device='test GPU', torch='2.x')
+    main = [_row('gka_small', 224, 'infer', 100.0), _row('deit_small_patch16_224', 224, 'infer', 400.0),
+            dict(model='gka_small', img_size=512, batch=1, mode='infer', skipped='time budget')]
+    early = [_row('gka_small', 512, 'infer', 30.0, act=2.0), _row('deit_small_patch16_224', 512, 'infer', 60.0),
+             _row('gka_small', 224, 'infer', 90.0), _row('deit_small_patch16_224', 224, 'infer', 300.0)]
+    for name, rows in (('main', main), ('early', early)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / 'models.json').write_text(json.dumps(dict(env=env, rows=rows)))
+    out = tmp_path / 'out'
+    mb.main(['--replot', '--merge', str(tmp_path / 'main' / 'models.json'), str(tmp_path / 'early' / 'models.json'),
+             '--out', str(out), '--modes', 'infer'])
+    md = (out / 'models.md').read_text()
+    # this run's 224-px cell, the earlier run's 512-px cell (marked), no 'not run' left
+    assert '| gka_small | 100.0 (1.00) | 30.0 (2.00)† |' in md and 'not run' not in md
+    assert '† measured in an earlier run: early' in md
+    # ratios from one run each: 100 / 400 at 224 px (not 100 / 300), 30 / 60 at 512 px
+    assert '| gka_small | 0.25× / mem 1.00× | 0.50× / mem 2.00× |' in md
+    assert (out / 'models_infer.png').stat().st_size > 0
