@@ -59,7 +59,8 @@ def _product(a: torch.Tensor, b: torch.Tensor, mode: str, b_exact: bool) -> torc
     return _acc(out)
 
 
-# scheme: (X·H⁰ᵀ mode, X·Kᵀ mode, (S∘M)·K mode, bf16 MMAs per step, leading single-pass bf16 steps)
+# scheme: (X·H⁰ᵀ mode, X·Kᵀ mode, (S∘M)·K mode, bf16 MMAs per step, leading single-pass steps[, their operand
+# type, bf16 unless given]); 'mmas' counts the later steps
 SCHEMES: Dict[str, tuple] = {
     'exact': ('exact', 'exact', 'exact', 0, 0),
     'bf16x3': ('bf16x3', 'bf16x2', 'bf16x2', 7, 0),                # the default (kernels/triton/dots.py)
@@ -76,11 +77,16 @@ SCHEMES: Dict[str, tuple] = {
     'fp16x2-H': ('fp16x2', 'bf16x2', 'bf16x2', 6, 0),
     'fp16-H fp16-S': ('fp16', 'bf16x2', 'fp16', 4, 0),
     'fp16-H fp16-XK': ('fp16', 'fp16', 'bf16x2', 4, 0),
+    'h16x2 fast10 fp16': ('fp16x2', 'bf16x2', 'bf16x2', 6, 10, 'fp16'),   # 10 single-pass fp16 steps first
+    'h16x2 fast15 fp16': ('fp16x2', 'bf16x2', 'bf16x2', 6, 15, 'fp16'),
+    'h16x2 fast20 fp16': ('fp16x2', 'bf16x2', 'bf16x2', 6, 20, 'fp16'),
+    'h16x2 fast10 bf16': ('fp16x2', 'bf16x2', 'bf16x2', 6, 10),
 }
 
 
 def make_solver(scheme: tuple) -> Callable:
-    h_mode, k_mode, s_mode, _, fast = scheme
+    h_mode, k_mode, s_mode, _, fast = scheme[:5]
+    fast_mode = scheme[5] if len(scheme) > 5 else 'bf16'   # the leading steps' single-pass operands
 
     def chunk_solve(rhs, K, H0, d, f, num_iter, ridge_ratio):
         lam = (ridge_ratio * f)[..., None]
@@ -91,7 +97,7 @@ def make_solver(scheme: tuple) -> Callable:
         fs = f[..., None]                                 # rows scaled by f: ‖f·x‖ ≤ 1/r (fp16 range)
 
         def matvec(X, single):
-            hm, km, sm = ('bf16', 'bf16', 'bf16') if single else (h_mode, k_mode, s_mode)
+            hm, km, sm = (fast_mode,) * 3 if single else (h_mode, k_mode, s_mode)
             Y = X * fs
             S = _product(Y, Kt, km, True)
             out = d.e[..., None] * hn * _product(Y, H0n_t, hm, False) + _product(S * d.M, K, sm, True)

@@ -161,6 +161,10 @@ def test_triton_tuning_knobs(monkeypatch):
     assert dot_mode('h16x2', torch.bfloat16, 0.02) == 6 and dot_mode('h16x2', torch.float16, 0.02) == 7
     assert dot_mode('h16x2', torch.bfloat16, 1e-4) == 5   # fp16 rows need r ≥ 1e-3: the default split instead
     assert dot_mode('bf16x3', torch.bfloat16) == 5 and dot_mode('bf16x3', torch.float16) == 4
+    monkeypatch.setenv('GKA_TRITON_FAST_ITERS', '15')   # h16x2's leading steps: single-pass fp16 (MODE 8)
+    assert solve_schedule(6, 30)['FAST'] == 15 and solve_schedule(6, 30)['FAST_MODE'] == 8
+    assert solve_schedule(7, 30)['FAST_MODE'] == 8
+    monkeypatch.delenv('GKA_TRITON_FAST_ITERS')
     monkeypatch.setenv('GKA_TRITON_FAST_ITERS', '40')
     assert solve_schedule(5, 30)['FAST'] == 30 and solve_schedule(0, 30)['FAST'] == 0   # no split: nothing to skip
 

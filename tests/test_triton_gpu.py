@@ -92,12 +92,13 @@ def test_initial_state_and_ragged_tail_bf16():
 
 
 @pytest.mark.parametrize('env', [{'GKA_TRITON_DOT': 'h16x2'}, {'GKA_TRITON_TAIL': '1'},
-                                 {'GKA_TRITON_DOT': 'h16x2', 'GKA_TRITON_TAIL': '1'}],
-                         ids=['h16x2', 'tail', 'h16x2+tail'])
+                                 {'GKA_TRITON_DOT': 'h16x2', 'GKA_TRITON_FAST_ITERS': '15', 'GKA_TRITON_TAIL': '1'}],
+                         ids=['h16x2', 'tail', 'h16x2+fast15+tail'])
 @pytest.mark.parametrize('shape', [(4, 196, 6, 64), (1, 2048, 4, 128)], ids=['vision', 'lm'])
 def test_opt_in_schedules_vs_float64_oracle(shape, env, monkeypatch):
     """The opt-in variants (KERNEL_NOTES.md v8, v9) hold the bf16 bounds before any of them becomes a default:
-    the fp16 H⁰ products of h16x2 (forward and both adjoint solves) and the ragged tail's own launch."""
+    the fp16 H⁰ products of h16x2 (forward and both adjoint solves), its single-pass fp16 leading steps and the
+    ragged tail's own launch."""
     for key, val in env.items():
         monkeypatch.setenv(key, val)
     err = _errors(*shape, torch.bfloat16)

@@ -114,18 +114,19 @@ def test_fp16_matches_torch_backend():
     ins = [t.to(torch.float16).double() if i != 3 else t for i, t in enumerate(make_inputs(B, T, H, D, torch.float64))]
     do = torch.randn(B, T, H, D, dtype=torch.float64)
     ref = _run('torch', ins, torch.float64, N, C, None, do, None)
-    for mode in ('bf16x3', 'tf32', 'lowp', 'h16x2'):   # h16x2: fp16 H⁰ products on rescaled rows (MODE 7)
-        os.environ['GKA_TRITON_DOT'] = mode
+    # h16x2: fp16 H⁰ products on rescaled rows (MODE 7); with FAST_ITERS its first steps single-pass fp16 (MODE 8)
+    for mode, fast in (('bf16x3', '0'), ('tf32', '0'), ('lowp', '0'), ('h16x2', '0'), ('h16x2', '15')):
+        os.environ.update(GKA_TRITON_DOT=mode, GKA_TRITON_FAST_ITERS=fast)
         try:
             out = _run('triton', ins, torch.float16, N, C, None, do, None)
         finally:
-            del os.environ['GKA_TRITON_DOT']
+            del os.environ['GKA_TRITON_DOT'], os.environ['GKA_TRITON_FAST_ITERS']
         assert out['o'].dtype == torch.float16
         for name, r in ref.items():
             err = rel_rmse(out[name], r)
             # fp16 output rounding is ~3e-4; the fp16 dot operands of 'lowp' add ~1e-3
             bound = 1e-2 if mode == 'lowp' else 2e-3
-            assert err < bound, f'{mode} {name}: rel RMSE {err:.2e}'
+            assert err < bound, f'{mode} fast {fast} {name}: rel RMSE {err:.2e}'
 
 
 @cases

@@ -23,8 +23,15 @@ def _apply(x, A0, A0l, Km, Ktm, Mk, ee, lam, ys, MODE: tl.constexpr, ILP: tl.con
     """(H_τ + λ_τ I) applied to the iterate: rows x [C, D] with A0 = H⁰, Mk = M; or (TRANS) columns xᵀ [D, C] with
     A0 = H⁰ᵀ, Mk = Mᵀ (the row form multiplies by H⁰ from the right, i.e. applies H⁰ᵀ: an initial state may be
     non-symmetric). MODE 6 / 7 (rows only): A0 = fp16(H⁰ / ‖H⁰‖), the H⁰ product on the rows scaled by ys [C, 1]
-    (to O(1 / r), fp16's range), ee = e·‖H⁰‖ / ys; the in-chunk products as MODE 5 (6) or 4 (7)."""
-    if MODE == 6:
+    (to O(1 / r), fp16's range), ee = e·‖H⁰‖ / ys; the in-chunk products as MODE 5 (6) or 4 (7). MODE 8: the same
+    operands, every product single-pass fp16."""
+    if MODE == 8:
+        # single-pass fp16 on the scaled rows: the leading steps of MODE 6 / 7 (FAST_MODE); the keys are exact in
+        # fp16 to ~3e-8 absolute (bf16 values below fp16's normal range lose bits)
+        yh = (x * ys).to(tl.float16)
+        out = ee * tl.dot(yh, A0) \
+            + tl.dot((tl.dot(yh, Ktm.to(tl.float16)) * Mk).to(tl.float16), Km.to(tl.float16)) / ys + lam * x
+    elif MODE == 6:
         out = ee * _mm16(x * ys, A0, ILP) \
             + _mm(_mm(x, Ktm, Ktm, 5, False, ILP) * Mk, Km, Km, 5, False, ILP) + lam * x
     elif MODE == 7:
@@ -204,7 +211,7 @@ def solve_schedule(mode: int, num_iter: int) -> dict:
 
     ``GKA_TRITON_FAST_ITERS`` (default 0), ``GKA_TRITON_ILP`` (default 1) and ``GKA_TRITON_SOLVE_T`` (default 0)
     override (benchmarks)."""
-    fast_mode = {5: 2, 4: 1}.get(mode, mode)
+    fast_mode = {5: 2, 4: 1, 6: 8, 7: 8}.get(mode, mode)
     fast = int(os.environ.get('GKA_TRITON_FAST_ITERS', '0')) if fast_mode != mode else 0
     ilp = os.environ.get('GKA_TRITON_ILP', '1') != '0'
     trans = os.environ.get('GKA_TRITON_SOLVE_T', '0') == '1' and mode < 6   # MODE 6 / 7: rows only
