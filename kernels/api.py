@@ -13,8 +13,17 @@ __all__ = ['gka_chunk', 'gka_step', 'BACKENDS', 'resolve_backend']
 
 State = Tuple[torch.Tensor, torch.Tensor]
 BACKENDS = ('triton', 'torch', 'naive')
-# The torch backend on CPU: 32 beat 16 and 64 at T = 64 … 4096 (fwd+bwd, fp32, 2-core CPU).
+# The torch backend's chunk, measured on the 2-core CPU with the copy-free solve (2026-11-29): with autograd at
+# D = 64, 32 beats 16 by 10-17 % at T = 64 … 4096 (fp32 fwd+bwd; the backward's per-chunk state terms grow with the
+# chunk count); without autograd, or at D ≤ 32, the solve's 2D² + 4CD FLOPs per token and step favour 16:
+# gka_small inference 220 vs 237 ms at 224 px, gka_tiny 91 vs 101 ms, the digits demo's training step 275 vs 310 ms.
 DEFAULT_CHUNK_SIZE = 32
+SMALL_CHUNK_SIZE = 16
+
+
+def _torch_chunk_size(q: torch.Tensor, tensors) -> int:
+    need_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    return SMALL_CHUNK_SIZE if (q.shape[-1] <= 32 or not need_grad) else DEFAULT_CHUNK_SIZE
 
 
 def _triton_available() -> bool:
@@ -107,8 +116,9 @@ def gka_chunk(
             o, state = out
         elif name == 'torch':
             from .torch_chunk import gka_chunk_torch
-            o, state = gka_chunk_torch(q, k, v, g, alpha, num_iter, ridge_ratio, scale,
-                                       chunk_size or DEFAULT_CHUNK_SIZE, initial_state, output_final_state)
+            C = chunk_size or _torch_chunk_size(q, (q, k, v, g, alpha) + tuple(initial_state or ()))
+            o, state = gka_chunk_torch(q, k, v, g, alpha, num_iter, ridge_ratio, scale, C, initial_state,
+                                       output_final_state)
         else:
             from .triton import gka_chunk_triton
             o, state = gka_chunk_triton(q, k, v, g, alpha, num_iter=num_iter, ridge_ratio=ridge_ratio,

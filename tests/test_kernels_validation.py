@@ -195,3 +195,15 @@ def test_triton_segment_length(monkeypatch):
     assert segment_length(16, 6, 64, 64, 4096, 32) == 4096
     monkeypatch.setenv('GKA_TRITON_SEGMENT', '100')
     assert segment_length(16, 6, 64, 64, 4096, 32) == 128
+
+
+def test_torch_backend_default_chunk():
+    """The torch backend's default chunk (kernels/api.py): 16 without autograd or at D ≤ 32, 32 when a D = 64
+    backward will follow (measured on a 2-core CPU); an explicit chunk_size always wins."""
+    from gka_kernels.api import _torch_chunk_size
+    q64, q32 = torch.randn(1, 8, 1, 64), torch.randn(1, 8, 1, 32)
+    leaf = torch.randn(1, 8, 1, 64, requires_grad=True)
+    assert _torch_chunk_size(q64, (q64,)) == 16 and _torch_chunk_size(q32, (q32, leaf)) == 16
+    assert _torch_chunk_size(q64, (q64, leaf)) == 32
+    with torch.no_grad():
+        assert _torch_chunk_size(q64, (q64, leaf)) == 16
