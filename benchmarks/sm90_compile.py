@@ -1,0 +1,74 @@
+"""Compile the Triton kernels for Hopper (sm_90) on a machine without a GPU and count what the loop became.
+
+The device lease is short, so a kernel variant is first checked here: does it compile for sm_90, does the solve
+loop use wgmma (64-row tiles per warpgroup) or mma.sync, does anything spill to local memory, how much shared memory
+does a program take. Triton's own compiler runs up to PTX for a `GPUTarget('cuda', 90, 32)`; nothing executes.
+
+    python benchmarks/sm90_compile.py                                   # the default forward and backward kernels
+    python benchmarks/sm90_compile.py --kernel solve --mode 6 --chunk 64 --fast 15
+    python benchmarks/sm90_compile.py --kernel bwd --mode 6
+
+MODE numbers as in kernels/triton/solve.py (5 bf16x3, 6 h16x2 with bf16 inputs; FAST steps run MODE 2 after
+MODE 5 and MODE 8 after MODE 6). Triton here may be newer than the GPU machine's, which can lower differently.
+"""
+from __future__ import annotations
+
+import argparse
+import re
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from gka_kernels.triton.backward_kernels import _bwd_chunk_kernel
+from gka_kernels.triton.solve import _chunk_solve_kernel
+
+FLOAT_ARGS = ('r', 'scale', 'f_min')
+BF16_PTRS = {'q_ptr', 'k_ptr', 'v_ptr', 'al_ptr', 'do_ptr', 'dq_ptr', 'dv_ptr', 'x_ptr', 'o_ptr'}
+
+
+def compile_counts(kernel, const: dict, num_warps: int, fp32_ptrs=()) -> dict:
+    names = kernel.arg_names
+    sig = {}
+    for n in names:
+        if n in const:
+            sig[n] = 'constexpr'
+        elif n.endswith('_ptr'):
+            sig[n] = '*bf16' if n in BF16_PTRS and n not in fp32_ptrs else '*fp32'
+        else:
+            sig[n] = 'fp32' if n in FLOAT_ARGS else 'i32'
+    src = ASTSource(fn=kernel, signature=sig, constexprs={(names.index(k),): v for k, v in const.items()})
+    compiled = triton.compile(src, target=GPUTarget('cuda', 90, 32), options=dict(num_warps=num_warps))
+    ptx = compiled.asm['ptx']
+    return dict(wgmma=len(re.findall(r'wgmma\.mma_async', ptx)), mma_sync=len(re.findall(r'mma\.sync', ptx)),
+                spills=len(re.findall(r'ld\.local|st\.local', ptx)), shared=compiled.metadata.shared)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    p.add_argument('--kernel', choices=['solve', 'bwd', 'both'], default='both')
+    p.add_argument('--mode', type=int, default=5)
+    p.add_argument('--chunk', type=int, default=64, help='forward chunk (the fused backward always tiles 16)')
+    p.add_argument('--dim', type=int, default=64)
+    p.add_argument('--warps', type=int, default=None, help='default: as kernels/triton/solve._num_warps')
+    p.add_argument('--fast', type=int, default=0, help='leading single-pass steps (GKA_TRITON_FAST_ITERS)')
+    p.add_argument('--iters', type=int, default=30)
+    args = p.parse_args(argv)
+    from gka_kernels.triton.solve import _num_warps
+    fast_mode = {5: 2, 4: 1, 6: 8, 7: 8}.get(args.mode, args.mode)
+    common = dict(D=args.dim, N=args.iters, MODE=args.mode, FAST=args.fast, FAST_MODE=fast_mode, ILP=True,
+                  TRANS=False, ACC='bf16x3')
+    if args.kernel in ('solve', 'both'):
+        const = dict(common, DV=args.dim, C=args.chunk, LOAD_F=False, READOUT=True, STORE_X=True)
+        warps = args.warps or _num_warps(args.dim, args.chunk)
+        res = compile_counts(_chunk_solve_kernel, const, warps, fp32_ptrs=('x_ptr',))
+        print(f'forward solve  D={args.dim} C={args.chunk} MODE={args.mode} FAST={args.fast} warps={warps}: {res}')
+    if args.kernel in ('bwd', 'both'):
+        const = dict(common, DV=args.dim, C=16)
+        warps = args.warps or _num_warps(args.dim, 16)
+        res = compile_counts(_bwd_chunk_kernel, const, warps)
+        print(f'fused backward D={args.dim} C=16 MODE={args.mode} FAST={args.fast} warps={warps}: {res}')
+
+
+if __name__ == '__main__':
+    main()
