@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything the GPU machine has to check and time (the device lease is short).
 #   bash benchmarks/gpu_suite.sh [stage ...]     stages: setup tests kernels schedule models modelprofile compiled
-#                                               fusedglue lm demo
+#                                               fusedglue statecap lm demo
 #                                               (default: setup tests kernels models lm)
 # One device call may run 10 minutes, so run the stages in a few calls, each starting with setup. Measured stage
 # times on the H200 (2026-11-29): setup 15 s, tests ~2 min, schedule ~1.5 min, kernels 45 s, models ~6 min for all
@@ -53,6 +53,11 @@ for s in "${stages[@]}"; do
              for glue in 0 1; do
                run_stage "glue$glue" 150 env GKA_FUSED_GLUE=$glue python3 benchmarks/models.py --out "$OUT/glue$glue" \
                  --budget-s 110 --models gka_small gka_small_alt --sizes 224 1024 2048
+             done ;;
+    statecap)  # the forward's cap on chunk states (kernels/triton/config.segment_length): inference memory vs speed
+             for mb in 256 64; do
+               run_stage "statecap$mb" 150 env GKA_TRITON_STATE_MB=$mb python3 benchmarks/models.py \
+                 --out "$OUT/statecap$mb" --budget-s 90 --models gka_small gka_small_alt --sizes 1024 2048 --modes infer
              done ;;
     lm)      # two peak rates per model, best kept: attention preferred 1e-3 to 3e-3 in a CPU check (0.51 vs 0.40)
              run_stage mqar 330 python3 benchmarks/mqar.py --out "$OUT" --budget-s 290 --lr 1e-3 3e-3

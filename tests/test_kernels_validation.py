@@ -195,6 +195,13 @@ def test_triton_segment_length(monkeypatch):
     assert segment_length(16, 6, 64, 64, 4096, 32) == 4096
     monkeypatch.setenv('GKA_TRITON_SEGMENT', '100')
     assert segment_length(16, 6, 64, 64, 4096, 32) == 128
+    monkeypatch.delenv('GKA_TRITON_SEGMENT')
+    monkeypatch.setenv('GKA_TRITON_STATE_MB', '64')       # a lower cap: shorter segments, down to the program floor
+    assert segment_length(16, 6, 64, 64, 4096, 32) == -(-4096 // (16 * 6)) * 32 < S
+    assert segment_length(256, 6, 64, 64, 196, 32) >= 64  # the program floor still holds
+    monkeypatch.setenv('GKA_TRITON_STATE_MB', '0')
+    with pytest.raises(GKAInputError, match='GKA_TRITON_STATE_MB'):
+        segment_length(16, 6, 64, 64, 4096, 32)
 
 
 def test_torch_backend_default_chunk():

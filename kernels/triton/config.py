@@ -83,13 +83,17 @@ def segment_length(B: int, H: int, D: int, DV: int, T: int, chunk: int) -> int:
     floats per chunk and head: 4× the bytes of q, k, v together at D = 64, C = 32), so a long sequence runs in
     segments that chain their final states, each holding at most ~256 MB of states but never fewer than 4,096
     (chunk, head) programs per launch. Segments end on chunk boundaries, so the result is the same bit for bit.
-    ``GKA_TRITON_SEGMENT`` sets the length in tokens (rounded up to whole chunks; 0 = never segment)."""
+    ``GKA_TRITON_SEGMENT`` sets the length in tokens (rounded up to whole chunks; 0 = never segment);
+    ``GKA_TRITON_STATE_MB`` the cap (default 256; a lower one cuts inference's activation peak, benchmarks)."""
     env = os.environ.get('GKA_TRITON_SEGMENT')
     if env is not None:
         n = int(env)
         return T if n <= 0 else -(-n // chunk) * chunk
+    cap_mb = int(os.environ.get('GKA_TRITON_STATE_MB', '256'))
+    if cap_mb <= 0:
+        raise GKAInputError(f'GKA_TRITON_STATE_MB must be a positive number of MB, got {cap_mb}')
     per_chunk = B * H * D * (D + DV) * 4
-    chunks = max((256 << 20) // per_chunk, -(-4096 // (B * H)), 1)
+    chunks = max((cap_mb << 20) // per_chunk, -(-4096 // (B * H)), 1)
     return chunks * chunk
 
 
