@@ -218,7 +218,9 @@ def main():
     QUICK = args.quick
     os.makedirs(OUT, exist_ok=True)
     import triton
-    report = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__)
+    from provenance import provenance
+    report = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+                  **provenance())
     print(report, flush=True)
     for name in args.only.split(','):
         t0 = time.time()

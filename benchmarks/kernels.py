@@ -196,8 +196,9 @@ def main(argv=None):
         for r in measure(sweep_shapes()):
             r['sweep'] = True
             rows.append(r)
+    from provenance import provenance
     info = dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
-                triton=__import__('triton').__version__, seconds=round(time.time() - t0, 1))
+                triton=__import__('triton').__version__, seconds=round(time.time() - t0, 1), **provenance())
     with open(os.path.join(args.out, 'kernels.json'), 'w') as fh:
         json.dump(dict(info=info, rows=rows), fh, indent=1)
     md = markdown(rows)

@@ -290,7 +290,9 @@ def main(argv: Optional[List[str]] = None):
         print(json.dumps(res, indent=1))
         (out / f'profile_{args.profile}_{args.img_size}.json').write_text(json.dumps(res, indent=1))
         return
-    env = dict(torch=torch.__version__, timm=timm.__version__, backend=os.environ.get('GKA_BACKEND', 'default'))
+    from provenance import provenance
+    env = dict(torch=torch.__version__, timm=timm.__version__, backend=os.environ.get('GKA_BACKEND', 'default'),
+               **provenance())
     if args.cpu:
         torch.set_num_threads(os.cpu_count() or 1)
         rows = [measure_cpu(m, args.repeats) for m in args.models]

@@ -34,3 +34,13 @@ def test_merge_fills_unmeasured_cells_and_keeps_ratios_within_one_run(tmp_path):
     # ratios from one run each: 100 / 400 at 224 px (not 100 / 300), 30 / 60 at 512 px
     assert '| gka_small | 0.25× / mem 1.00× | 0.50× / mem 2.00× |' in md
     assert (out / 'models_infer.png').stat().st_size > 0
+
+
+def test_results_record_the_code_and_switches(monkeypatch):
+    """Benchmark outputs name the code (source digest, commit when there is a .git) and the GKA_* switches set."""
+    import provenance
+    monkeypatch.setenv('GKA_TRITON_TAIL', '1')
+    p = provenance.provenance()
+    assert len(p['source_digest']) == 12 and int(p['source_digest'], 16) >= 0
+    assert p['switches']['GKA_TRITON_TAIL'] == '1'
+    assert p['commit'] == 'unknown' or len(p['commit']) == 12
