@@ -16,7 +16,8 @@ from .state import forward_states, reverse_states
 
 def _prepare(q, k, v, g, alpha, chunk_size):
     cdt = state_dtype(q.dtype)
-    Q, K, V = (to_chunks(t.to(cdt), chunk_size) for t in (q, k, v))
+    # contiguous once: every batched matmul would otherwise copy the permuted chunk view again
+    Q, K, V = (to_chunks(t.to(cdt), chunk_size).contiguous() for t in (q, k, v))
     G, A = (to_chunks(t.to(cdt), chunk_size) for t in (g, alpha))
     d = chunk_decay(G)
     bK = (d.b[..., None] * K).transpose(-1, -2)
@@ -70,7 +71,8 @@ class GKAChunkFunction(torch.autograd.Function):
         H0, HT = forward_states(Hinc, d.last, h0)
         U0, UT = forward_states(Uinc, d.last, u0)
         Qt = Q + A[..., None] * (X - Q) if num_iter > 0 else Q
-        dO = to_chunks(do.to(Q.dtype), chunk_size) if do is not None else V.new_zeros(*Q.shape[:-1], V.shape[-1])
+        dO = to_chunks(do.to(Q.dtype), chunk_size).contiguous() if do is not None \
+            else V.new_zeros(*Q.shape[:-1], V.shape[-1])
 
         RU, dU_init = reverse_states(readout_state_grad_increment(dO, Qt, d, scale), d.last, dUT)
         rg = readout_backward(dO, Qt, K, V, U0, RU, d, scale)
