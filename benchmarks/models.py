@@ -64,31 +64,38 @@ def _time_cuda(fn, warmup: int, repeats: int) -> List[float]:
     return times
 
 
+def _step_fn(model, batch: int, img_size: int, mode: str, device):
+    """One benchmarked step on random images: a bf16-autocast inference forward, or a training step (fwd, cross
+    entropy on random labels, bwd, fused AdamW)."""
+    x = torch.randn(batch, 3, img_size, img_size, device=device)
+    if mode == 'infer':
+        model.eval()
+
+        def step():
+            with torch.inference_mode(), torch.autocast('cuda', dtype=torch.bfloat16):
+                model(x)
+        return step
+    model.train()
+    y = torch.randint(0, 1000, (batch,), device=device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+
+    def step():
+        with torch.autocast('cuda', dtype=torch.bfloat16):
+            loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
+
+
 def measure(name: str, img_size: int, batch: int, mode: str, device, warmup: int, repeats: int,
             compile_model: bool) -> Dict:
     row = dict(model=name, img_size=img_size, batch=batch, mode=mode)
-    model = x = opt = None
+    model = step = None
     try:
         torch.cuda.empty_cache()
         model = build(name, img_size, device, compile_model)
-        x = torch.randn(batch, 3, img_size, img_size, device=device)
-        if mode == 'infer':
-            model.eval()
-
-            def step():
-                with torch.inference_mode(), torch.autocast('cuda', dtype=torch.bfloat16):
-                    model(x)
-        else:
-            model.train()
-            y = torch.randint(0, 1000, (batch,), device=device)
-            opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-
-            def step():
-                with torch.autocast('cuda', dtype=torch.bfloat16):
-                    loss = F.cross_entropy(model(x), y)
-                loss.backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
+        step = _step_fn(model, batch, img_size, mode, device)
         step()  # first call: compilation, optimizer state
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
@@ -102,7 +109,7 @@ def measure(name: str, img_size: int, batch: int, mode: str, device, warmup: int
     except torch.cuda.OutOfMemoryError:
         row['oom'] = True
     finally:
-        model = x = opt = step = None  # drop the references before freeing the cache
+        model = step = None  # drop the references before freeing the cache
         torch.cuda.empty_cache()
     return row
 
@@ -134,23 +141,7 @@ def profile(name: str, img_size: int, batch: int, device, mode: str = 'infer') -
     """Splits one inference forward's (or one training step's) CUDA time into the GKA kernels, the projections
     (matmuls) and the rest, and keeps the top kernels by time."""
     from torch.profiler import ProfilerActivity, profile as torch_profile
-    model = build(name, img_size, device)
-    x = torch.randn(batch, 3, img_size, img_size, device=device)
-    if mode == 'infer':
-        model.eval()
-
-        def step():
-            with torch.inference_mode(), torch.autocast('cuda', dtype=torch.bfloat16):
-                model(x)
-    else:
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-
-        def step():
-            with torch.autocast('cuda', dtype=torch.bfloat16):
-                loss = model(x).float().logsumexp(-1).mean()
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+    step = _step_fn(build(name, img_size, device), batch, img_size, mode, device)
     for _ in range(3):
         step()
     torch.cuda.synchronize()

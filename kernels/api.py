@@ -7,7 +7,7 @@ from typing import Optional, Tuple, Union
 import torch
 
 from .precision import autocast_off
-from .validation import GKAInputError, check_chunk_inputs, check_options, check_step_inputs
+from .validation import GKAInputError, check_chunk_inputs, check_options, check_step_inputs, grad_needed
 
 __all__ = ['gka_chunk', 'gka_step', 'BACKENDS', 'resolve_backend']
 
@@ -22,8 +22,7 @@ SMALL_CHUNK_SIZE = 16
 
 
 def _torch_chunk_size(q: torch.Tensor, tensors) -> int:
-    need_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-    return SMALL_CHUNK_SIZE if (q.shape[-1] <= 32 or not need_grad) else DEFAULT_CHUNK_SIZE
+    return SMALL_CHUNK_SIZE if (q.shape[-1] <= 32 or not grad_needed(tensors)) else DEFAULT_CHUNK_SIZE
 
 
 def _triton_available() -> bool:

@@ -7,7 +7,7 @@ from typing import Optional, Tuple
 
 import torch
 
-__all__ = ['GKAInputError', 'check_chunk_inputs', 'check_step_inputs', 'check_options', 'state_dtype']
+__all__ = ['GKAInputError', 'check_chunk_inputs', 'check_step_inputs', 'check_options', 'state_dtype', 'grad_needed']
 
 _FLOAT_INPUTS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _GATE_DTYPES = (torch.float32, torch.float64)
@@ -45,6 +45,11 @@ def _values_checked(check_values: Optional[bool] = None) -> bool:
 def state_dtype(dtype: torch.dtype) -> torch.dtype:
     """States and accumulation are fp32, or fp64 when the inputs are fp64 (the oracle's precision)."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def grad_needed(tensors) -> bool:
+    """Whether autograd will ask for a backward through these inputs (None entries allowed)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def check_options(num_iter, ridge_ratio, scale, chunk_size=None):

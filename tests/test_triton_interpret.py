@@ -198,59 +198,53 @@ def test_transposed_solve_matches_row_form():
         assert rel_rmse(a, b) < 1e-5, f'{name}: {rel_rmse(a, b):.2e}'
 
 
-@cases
-def test_segmented_forward_is_exact():
-    """A long sequence's forward runs in segments chained through their states (GKA_TRITON_SEGMENT): the same
-    outputs, final states, saved solve and gradients as one pass, with and without autograd."""
+_CHAINED = ('o', 'h_kk', 'h_kv', 'o no-grad', 'dq', 'dk', 'dv', 'dg', 'dalpha')
+
+
+def _chained_runs(chunk: int, envs):
+    """Outputs, final states, the no-grad output and all gradients of one 77-token forward/backward with an initial
+    state, first as one pass, then under each env of ``envs`` (launches chained through their states)."""
     ins = make_inputs(2, 77, 2, 32, torch.float32)
     st = _states(2, 2, 32, 32, torch.float32)
     do = torch.randn(2, 77, 2, 32)
 
     def run():
         xs = [t.clone().requires_grad_() for t in ins]
-        o, (hk, hv) = gk.gka_chunk(*xs, num_iter=12, chunk_size=16, initial_state=st, output_final_state=True,
+        o, (hk, hv) = gk.gka_chunk(*xs, num_iter=12, chunk_size=chunk, initial_state=st, output_final_state=True,
                                    backend='triton')
         (o * do).sum().backward()
         with torch.no_grad():
-            o_ng = gk.gka_chunk(*ins, num_iter=12, chunk_size=16, initial_state=st, backend='triton')
+            o_ng = gk.gka_chunk(*ins, num_iter=12, chunk_size=chunk, initial_state=st, backend='triton')
         return [o, hk, hv, o_ng] + [t.grad for t in xs]
 
     whole = run()
-    os.environ['GKA_TRITON_SEGMENT'] = '20'   # rounded up to 32: segments of 2 chunks, a ragged last one
-    try:
-        seg = run()
-    finally:
-        del os.environ['GKA_TRITON_SEGMENT']
-    for name, a, b in zip(('o', 'h_kk', 'h_kv', 'o no-grad', 'dq', 'dk', 'dv', 'dg', 'dalpha'), seg, whole):
-        assert torch.equal(a, b), f'{name}: max diff {(a - b).abs().max():.2e}'
+    for env in envs:
+        os.environ.update(env)
+        try:
+            yield env, run(), whole
+        finally:
+            for key in env:
+                del os.environ[key]
+
+
+@cases
+def test_segmented_forward_is_exact():
+    """A long sequence's forward runs in segments chained through their states (GKA_TRITON_SEGMENT): the same
+    outputs, final states, saved solve and gradients as one pass, with and without autograd."""
+    # rounded up to 32: segments of 2 chunks, a ragged last one
+    for _, seg, whole in _chained_runs(16, [{'GKA_TRITON_SEGMENT': '20'}]):
+        for name, a, b in zip(_CHAINED, seg, whole):
+            assert torch.equal(a, b), f'{name}: max diff {(a - b).abs().max():.2e}'
 
 
 @cases
 def test_tail_launch_matches_one_pass():
     """GKA_TRITON_TAIL=1 runs a ragged last chunk as its own launch at a smaller chunk size, chained through the
     states (also after segments): the same outputs, final states and gradients as one pass, to fp32 rounding."""
-    ins = make_inputs(2, 77, 2, 32, torch.float32)       # 64 + 13: the tail runs at chunk 16
-    st = _states(2, 2, 32, 32, torch.float32)
-    do = torch.randn(2, 77, 2, 32)
-
-    def run():
-        xs = [t.clone().requires_grad_() for t in ins]
-        o, (hk, hv) = gk.gka_chunk(*xs, num_iter=12, chunk_size=32, initial_state=st, output_final_state=True,
-                                   backend='triton')
-        (o * do).sum().backward()
-        with torch.no_grad():
-            o_ng = gk.gka_chunk(*ins, num_iter=12, chunk_size=32, initial_state=st, backend='triton')
-        return [o, hk, hv, o_ng] + [t.grad for t in xs]
-
-    whole = run()
-    for env in ({'GKA_TRITON_TAIL': '1'}, {'GKA_TRITON_TAIL': '1', 'GKA_TRITON_SEGMENT': '32'}):
-        os.environ.update(env)
-        try:
-            got = run()
-        finally:
-            for key in env:
-                del os.environ[key]
-        for name, a, b in zip(('o', 'h_kk', 'h_kv', 'o no-grad', 'dq', 'dk', 'dv', 'dg', 'dalpha'), got, whole):
+    # 64 + 13 tokens: the tail runs at chunk 16
+    envs = [{'GKA_TRITON_TAIL': '1'}, {'GKA_TRITON_TAIL': '1', 'GKA_TRITON_SEGMENT': '32'}]
+    for env, got, whole in _chained_runs(32, envs):
+        for name, a, b in zip(_CHAINED, got, whole):
             assert rel_rmse(a, b) < 1e-5, f'{env} {name}: {rel_rmse(a, b):.2e}'
 
 

@@ -44,6 +44,17 @@ def check_triton_inputs(q: torch.Tensor, v: torch.Tensor, chunk_size: Optional[i
         raise GKAInputError(reason)
 
 
+def _env_chunk(name: str) -> Optional[int]:
+    """A chunk size set through the environment variable ``name`` (benchmarks), checked; None when unset."""
+    env = os.environ.get(name)
+    if not env:
+        return None
+    c = int(env)
+    if c not in CHUNK_SIZES:
+        raise GKAInputError(f'{name} must be one of {CHUNK_SIZES}, got {env!r}')
+    return c
+
+
 def pick_chunk_size(chunk_size: Optional[int], head_dim: int, seq_len: Optional[int] = None,
                     dtype: Optional[torch.dtype] = None) -> int:
     """Default tiling. bf16 at D = 64 takes 64-token chunks once a sequence is longer than 32 tokens: 64-row tiles
@@ -54,12 +65,9 @@ def pick_chunk_size(chunk_size: Optional[int], head_dim: int, seq_len: Optional[
     (4CD per step) already outweighs the entry state's 2D². ``GKA_TRITON_CHUNK`` overrides the default."""
     if chunk_size is not None:
         return chunk_size
-    env = os.environ.get('GKA_TRITON_CHUNK')
+    env = _env_chunk('GKA_TRITON_CHUNK')
     if env:
-        c = int(env)
-        if c not in CHUNK_SIZES:
-            raise GKAInputError(f'GKA_TRITON_CHUNK must be one of {CHUNK_SIZES}, got {env!r}')
-        return c
+        return env
     if head_dim == 64 and dtype == torch.bfloat16 and (seq_len is None or seq_len > 32):
         return 64
     return 32
@@ -69,13 +77,7 @@ def backward_chunk_size(forward_chunk: int) -> int:
     """Chunk of the fused backward (head dims ≤ 64). It recomputes its chunk states, so its tiling is free of the
     forward's: 16-token chunks keep the fused kernel's ~10 live tiles in registers, which made the whole
     backward 1.5× faster than at 32 on the H200 (KERNEL_NOTES.md, v4). ``GKA_TRITON_BWD_CHUNK`` overrides."""
-    env = os.environ.get('GKA_TRITON_BWD_CHUNK')
-    if env:
-        c = int(env)
-        if c not in CHUNK_SIZES:
-            raise GKAInputError(f'GKA_TRITON_BWD_CHUNK must be one of {CHUNK_SIZES}, got {env!r}')
-        return c
-    return min(forward_chunk, 16)
+    return _env_chunk('GKA_TRITON_BWD_CHUNK') or min(forward_chunk, 16)
 
 
 def segment_length(B: int, H: int, D: int, DV: int, T: int, chunk: int) -> int:

@@ -6,6 +6,7 @@ from typing import Optional, Tuple
 import torch
 
 from ..precision import autocast_off
+from ..validation import grad_needed
 from .backward import chunk_backward
 from .config import check_triton_inputs, forward_pieces, pick_chunk_size, segment_length, solve_dot_mode
 from .solve import acc_precision, chunk_forward
@@ -90,7 +91,7 @@ def gka_chunk_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch
         return o, (zk, zv)
     C = pick_chunk_size(chunk_size, D, T, q.dtype)
     # x (the solve output) is kept for the backward only; without autograd the forward does not write it
-    need_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, g, alpha, h0, u0))
+    need_grad = grad_needed((q, k, v, g, alpha, h0, u0))
     o, hT, uT = GKATritonFunction.apply(q, k, v, g, alpha, h0, u0, int(num_iter), float(ridge_ratio), scale, C,
                                         solve_dot_mode(q.dtype), need_grad)
     return o, ((hT, uT) if output_final_state else None)
