@@ -75,13 +75,12 @@ def section_variants(report):
 
 
 SCHEDULES = [  # env overrides (kernels/triton: solve_schedule, acc_precision, backward_chunk_size, _num_warps, ...)
-    # measured 2026-11-29 (KERNEL_NOTES v6, v7): SOLVE_T=1 (alone and with CHUNK=64), CHUNK=16, SEGMENT=0, WARPS=8,
-    # FAST_ITERS=5
-    {}, {'GKA_TRITON_CHUNK': '32'}, {'GKA_TRITON_TAIL': '1'}, {'GKA_TRITON_DOT': 'h16x2'},
-    {'GKA_TRITON_DOT': 'h16x2', 'GKA_TRITON_TAIL': '1'}, {'GKA_TRITON_DOT': 'h16x2', 'GKA_TRITON_FAST_ITERS': '10'},
-    {'GKA_TRITON_DOT': 'h16x2', 'GKA_TRITON_FAST_ITERS': '15', 'GKA_TRITON_TAIL': '1'},
-    {'GKA_TRITON_STATE_TILE': '16'},
-    {'GKA_TRITON_FAST_ITERS': '10'},
+    # measured 2026-11-29 (KERNEL_NOTES v6-v9): SOLVE_T=1 (alone and with CHUNK=64), CHUNK=16, SEGMENT=0, WARPS=8,
+    # STATE_TILE=16, FAST_ITERS=5, h16x2 with TAIL / FAST_ITERS=10 / FAST_ITERS=15
+    {}, {'GKA_TRITON_TAIL': '0', 'GKA_TRITON_FAST_ITERS': '0'}, {'GKA_TRITON_FAST_ITERS': '0'},
+    {'GKA_TRITON_FAST_ITERS': '17'}, {'GKA_TRITON_FAST_ITERS': '20'},
+    {'GKA_TRITON_FAST_DOT': 'lowp', 'GKA_TRITON_FAST_ITERS': '10'}, {'GKA_TRITON_DOT': 'h16x2'},
+    {'GKA_TRITON_CHUNK': '32'},
 ]
 
 

@@ -14,6 +14,7 @@ MODE 5 and MODE 8 after MODE 6). Triton here may be newer than the GPU machine's
 from __future__ import annotations
 
 import argparse
+import os
 import re
 
 import triton
@@ -51,13 +52,20 @@ def main(argv=None):
     p.add_argument('--chunk', type=int, default=64, help='forward chunk (the fused backward always tiles 16)')
     p.add_argument('--dim', type=int, default=64)
     p.add_argument('--warps', type=int, default=None, help='default: as kernels/triton/solve._num_warps')
-    p.add_argument('--fast', type=int, default=0, help='leading single-pass steps (GKA_TRITON_FAST_ITERS)')
+    p.add_argument('--fast', type=int, default=None,
+                   help='leading single-pass steps (GKA_TRITON_FAST_ITERS; default: the schedule of the ridge ratio)')
+    p.add_argument('--fast-dot', choices=['fp16', 'lowp'], default='fp16', help='GKA_TRITON_FAST_DOT')
+    p.add_argument('--ridge-ratio', type=float, default=0.02)
     p.add_argument('--iters', type=int, default=30)
     args = p.parse_args(argv)
-    from gka_kernels.triton.solve import _num_warps
-    fast_mode = {5: 2, 4: 1, 6: 8, 7: 8}.get(args.mode, args.mode)
-    common = dict(D=args.dim, N=args.iters, MODE=args.mode, FAST=args.fast, FAST_MODE=fast_mode, ILP=True,
-                  TRANS=False, ACC='bf16x3')
+    from gka_kernels.triton.solve import _num_warps, solve_schedule
+    os.environ['GKA_TRITON_FAST_DOT'] = args.fast_dot
+    if args.fast is not None:
+        os.environ['GKA_TRITON_FAST_ITERS'] = str(args.fast)
+    sched = solve_schedule(args.mode, args.iters, args.ridge_ratio)
+    args.fast = sched['FAST']
+    common = dict(D=args.dim, N=args.iters, MODE=args.mode, FAST=sched['FAST'], FAST_MODE=sched['FAST_MODE'],
+                  ILP=True, TRANS=False, ACC='bf16x3')
     if args.kernel in ('solve', 'both'):
         const = dict(common, DV=args.dim, C=args.chunk, LOAD_F=False, READOUT=True, STORE_X=True)
         warps = args.warps or _num_warps(args.dim, args.chunk)

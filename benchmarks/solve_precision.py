@@ -18,6 +18,7 @@ import argparse
 import json
 import math
 import os
+import re
 import sys
 from typing import Callable, Dict
 
@@ -112,7 +113,17 @@ def make_solver(scheme: tuple) -> Callable:
     return chunk_solve
 
 
-def run_case(B, T, H, D, decay, schemes, chunk=64, seed=0):
+def scheme(name: str) -> tuple:
+    """A named scheme, or 'bf16x3 fastN' / 'bf16x3 fp16fastN': the default with N leading single-pass steps."""
+    if name in SCHEMES:
+        return SCHEMES[name]
+    m = re.fullmatch(r'bf16x3 (fp16)?fast(\d+)', name)
+    if not m:
+        raise ValueError(f'unknown scheme {name!r}')
+    return ('bf16x3', 'bf16x2', 'bf16x2', 7, int(m.group(2))) + (('fp16',) if m.group(1) else ())
+
+
+def run_case(B, T, H, D, decay, schemes, chunk=64, seed=0, num_iter=30, ridge_ratio=0.02):
     torch.manual_seed(seed)
     ins = [t.to(torch.bfloat16).double() if i != 3 else t.double()
            for i, t in enumerate(make_inputs(B, T, H, D, torch.float64, decay=decay))]
@@ -120,7 +131,7 @@ def run_case(B, T, H, D, decay, schemes, chunk=64, seed=0):
 
     def run():
         xs = [t.clone().requires_grad_() for t in ins]
-        o = gk.gka_chunk(*xs, chunk_size=chunk, backend='torch')
+        o = gk.gka_chunk(*xs, chunk_size=chunk, backend='torch', num_iter=num_iter, ridge_ratio=ridge_ratio)
         (o * do).sum().backward()
         return [o.detach()] + [t.grad for t in xs]
 
@@ -130,9 +141,10 @@ def run_case(B, T, H, D, decay, schemes, chunk=64, seed=0):
         ref = run()
         rows = []
         for name in schemes:
-            torch_function.chunk_solve = make_solver(SCHEMES[name])
+            torch_function.chunk_solve = make_solver(scheme(name))
             got = run()
-            row = dict(case=f'B{B} T{T} H{H} D{D} decay {decay}', scheme=name, mmas=SCHEMES[name][3])
+            row = dict(case=f'B{B} T{T} H{H} D{D} decay {decay} N{num_iter} r{ridge_ratio}', scheme=name,
+                       mmas=scheme(name)[3])
             for key, a, b in zip(('o', 'dq', 'dk', 'dv', 'dg', 'dalpha'), got, ref):
                 row[key] = rel_rmse(a, b)
             row['o with bf16 floor'] = math.hypot(BF16_FLOOR, row['o'])
@@ -145,13 +157,23 @@ def run_case(B, T, H, D, decay, schemes, chunk=64, seed=0):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    p.add_argument('--schemes', nargs='*', default=[s for s in SCHEMES if s != 'exact'], choices=list(SCHEMES))
+    p.add_argument('--schemes', nargs='*', default=[s for s in SCHEMES if s != 'exact'],
+                   help=f"any of {', '.join(SCHEMES)}, or 'bf16x3 fastN' / 'bf16x3 fp16fastN'")
+    p.add_argument('--num-iter', type=int, nargs='*', default=[30])
+    p.add_argument('--ridge-ratio', type=float, nargs='*', default=[0.02])
+    p.add_argument('--cases', choices=('both', 'vision'), default='both',
+                   help='vision: only the B2 T196 H4 D64 case (faster sweeps)')
     p.add_argument('--out', default=None, help='write the rows as JSON here')
     args = p.parse_args(argv)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     rows = []
-    for B, T, H, D, decay in ((2, 196, 4, 64, 0.3), (1, 512, 2, 64, 0.01)):
-        rows += run_case(B, T, H, D, decay, args.schemes)
+    cases = ((2, 196, 4, 64, 0.3), (1, 512, 2, 64, 0.01))
+    for name in args.schemes:
+        scheme(name)   # fail early on a typo
+    for N in args.num_iter:
+        for r in args.ridge_ratio:
+            for B, T, H, D, decay in cases[:1 if args.cases == 'vision' else 2]:
+                rows += run_case(B, T, H, D, decay, args.schemes, num_iter=N, ridge_ratio=r)
     keys = ['case', 'scheme', 'mmas', 'o', 'o with bf16 floor', 'dq', 'dk', 'dv', 'dg', 'dalpha']
     print('| ' + ' | '.join(keys) + ' |\n' + '|---' * len(keys) + '|')
     for r in rows:

@@ -11,7 +11,7 @@ from typing import Callable, Tuple
 
 import torch
 
-__all__ = ['F_MIN', 'chebyshev_omegas', 'chebyshev_solve', 'safe_frobenius', 'step_size']
+__all__ = ['F_MIN', 'chebyshev_omegas', 'chebyshev_solve', 'error_gains', 'safe_frobenius', 'step_size']
 
 # Floor on the Frobenius norm f_t. A zero Gram (all keys zero so far) would make η = 2/((1+2r)·f) infinite;
 # with the floor the iterate stays finite (≤ |q|/(r·F_MIN)) and, since the KV state is then zero too, the
@@ -31,6 +31,30 @@ def chebyshev_omegas(num_iter: int, ridge_ratio: float) -> Tuple[float, ...]:
         omega = 1.0 / (1.0 - c * omega)
         out.append(omega)
     return tuple(out)
+
+
+@lru_cache(maxsize=64)
+def error_gains(num_iter: int, ridge_ratio: float, grid: int = 1025) -> Tuple[float, ...]:
+    """γ_k, k = 0..N-1: the most the steps after step k can scale an error that step k leaves in the iterate.
+
+    The iteration is linear in the error, so a perturbation δ of x_{k+1} reaches x_N as p_k(A)·δ, where p_k follows
+    the same three-term recurrence (e_{i+1} = ω_i (1 - η μ) e_i + (1 - ω_i) e_{i-1}, e_{k+1} = 1, e_k = 0) at each
+    eigenvalue μ of A; with η = 2 / ((1 + 2r) f) the spectrum [r f, (1 + r) f] maps to one interval for every token,
+    so γ_k = max |p_k| over it needs no data. Rounding made early is damped (γ_k ≪ 1 when many steps follow and r is
+    not small), which is what lets the leading steps use cheaper products (kernels/triton/solve.py)."""
+    omegas = chebyshev_omegas(num_iter, ridge_ratio)
+    r = float(ridge_ratio)
+    mu = torch.linspace(r, 1.0 + r, grid, dtype=torch.float64)   # eigenvalues in units of f
+    damp = 1.0 - 2.0 / (1.0 + 2.0 * r) * mu
+    # row k carries the perturbation made in step k; it starts propagating at step k + 1
+    e = torch.ones(num_iter, grid, dtype=torch.float64)
+    e_prev = torch.zeros_like(e)
+    for i in range(1, num_iter):
+        live = torch.arange(num_iter) < i
+        e_new = torch.where(live[:, None], omegas[i] * damp * e + (1.0 - omegas[i]) * e_prev, e)
+        e_prev = torch.where(live[:, None], e, e_prev)
+        e = e_new
+    return tuple(e.abs().amax(1).tolist())
 
 
 def safe_frobenius(f: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:

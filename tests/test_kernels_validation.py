@@ -156,28 +156,78 @@ def test_triton_tuning_knobs(monkeypatch):
     monkeypatch.setenv('GKA_TRITON_CHUNK', '8')
     with pytest.raises(GKAInputError, match='GKA_TRITON_CHUNK'):
         pick_chunk_size(None, 64)
-    assert solve_schedule(5, 30) == dict(FAST=0, FAST_MODE=2, ILP=True, TRANS=False)
-    from gka_kernels.triton.solve import dot_mode
+    from gka_kernels.triton.solve import FAST_TOL, FAST_UNIT, dot_mode, fast_steps
+    # the split modes run their leading steps single-pass in fp16 (MODE 8), as many as the damping allows
+    n = fast_steps(30, 0.02)
+    assert solve_schedule(5, 30, 0.02) == dict(FAST=n, FAST_MODE=8, ILP=True, TRANS=False) and 10 <= n <= 15
+    assert solve_schedule(4, 30, 0.02)['FAST'] == n and solve_schedule(0, 30, 0.02)['FAST'] == 0   # fp32: exact
+    assert solve_schedule(5, 30, 5e-4) == dict(FAST=0, FAST_MODE=2, ILP=True, TRANS=False)      # fp16 range
     assert dot_mode('h16x2', torch.bfloat16, 0.02) == 6 and dot_mode('h16x2', torch.float16, 0.02) == 7
     assert dot_mode('h16x2', torch.bfloat16, 1e-4) == 5   # fp16 rows need r ≥ 1e-3: the default split instead
     assert dot_mode('bf16x3', torch.bfloat16) == 5 and dot_mode('bf16x3', torch.float16) == 4
     monkeypatch.setenv('GKA_TRITON_FAST_ITERS', '15')   # h16x2's leading steps: single-pass fp16 (MODE 8)
-    assert solve_schedule(6, 30)['FAST'] == 15 and solve_schedule(6, 30)['FAST_MODE'] == 8
-    assert solve_schedule(7, 30)['FAST_MODE'] == 8
-    monkeypatch.delenv('GKA_TRITON_FAST_ITERS')
+    assert solve_schedule(6, 30, 0.02)['FAST'] == 15 and solve_schedule(6, 30, 0.02)['FAST_MODE'] == 8
+    assert solve_schedule(7, 30, 0.02)['FAST_MODE'] == 8
     monkeypatch.setenv('GKA_TRITON_FAST_ITERS', '40')
-    assert solve_schedule(5, 30)['FAST'] == 30 and solve_schedule(0, 30)['FAST'] == 0   # no split: nothing to skip
+    assert solve_schedule(5, 30, 0.02)['FAST'] == 30 and solve_schedule(0, 30, 0.02)['FAST'] == 0
+    monkeypatch.setenv('GKA_TRITON_FAST_ITERS', '0')
+    assert solve_schedule(5, 30, 0.02) == dict(FAST=0, FAST_MODE=2, ILP=True, TRANS=False)
+    monkeypatch.delenv('GKA_TRITON_FAST_ITERS')
+    monkeypatch.setenv('GKA_TRITON_FAST_DOT', 'lowp')   # single-pass bf16 / tf32 steps, only when asked for
+    assert solve_schedule(5, 30, 0.02)['FAST'] == 0
+    monkeypatch.setenv('GKA_TRITON_FAST_ITERS', '10')
+    assert solve_schedule(5, 30, 0.02)['FAST_MODE'] == 2 and solve_schedule(4, 30, 0.02)['FAST_MODE'] == 1
+    monkeypatch.setenv('GKA_TRITON_FAST_DOT', 'fp8')
+    with pytest.raises(ValueError, match='GKA_TRITON_FAST_DOT'):
+        solve_schedule(5, 30, 0.02)
+    monkeypatch.delenv('GKA_TRITON_FAST_DOT')
+    monkeypatch.delenv('GKA_TRITON_FAST_ITERS')
+    monkeypatch.setenv('GKA_TRITON_SOLVE_T', '1')   # MODE 8 has rows only: the transposed solve runs no fast steps
+    assert solve_schedule(5, 30, 0.02)['FAST'] == 0 and solve_schedule(5, 30, 0.02)['TRANS']
+    monkeypatch.delenv('GKA_TRITON_SOLVE_T')
+    # the rule: the longest prefix whose rounding, damped by the steps after it, stays within FAST_TOL
+    from gka_kernels.chebyshev import error_gains
+    for N, r in ((30, 0.02), (20, 0.02), (30, 0.05), (50, 0.01), (20, 0.1)):
+        n, gains = fast_steps(N, r), error_gains(N, r)
+        assert FAST_UNIT * sum(gains[:n]) <= FAST_TOL < FAST_UNIT * sum(gains[:n + 1]), (N, r, n)
+    # more fast steps with more iterations after them or a larger ridge (faster contraction); none where the
+    # iteration barely contracts
+    assert fast_steps(20, 0.02) < fast_steps(30, 0.02) < fast_steps(30, 0.05) < fast_steps(30, 0.1)
+    assert fast_steps(20, 0.005) == 0 and fast_steps(1, 0.5) == 0
+
+
+def test_error_gains_match_a_perturbed_solve():
+    """chebyshev.error_gains against the solve itself: perturb the iterate after step k of chebyshev_solve on a
+    diagonal system spanning the spectrum [r f, (1 + r) f] (float64) and measure how much of it reaches x_N."""
+    from gka_kernels.chebyshev import chebyshev_omegas, chebyshev_solve, error_gains, step_size
+    for N, r in ((30, 0.02), (12, 0.005), (20, 0.1)):
+        f = 3.7
+        mu = torch.linspace(r, 1.0 + r, 257, dtype=torch.float64) * f
+        rhs = torch.randn(257, dtype=torch.float64)
+        eta = step_size(torch.tensor(f, dtype=torch.float64), r)
+        omegas = chebyshev_omegas(N, r)
+        base = chebyshev_solve(lambda x: mu * x, rhs, eta, omegas)
+        for k in range(N):
+            calls = []
+
+            def matvec(x, k=k):
+                # step k computes x_{k+1} = ω_k (x_k − η (A x_k − b)) + …: adding d to A x_k moves x_{k+1} by −ω_k η d
+                calls.append(None)
+                return mu * x + (1e-3 if len(calls) == k + 1 else 0.0)
+            moved = (chebyshev_solve(matvec, rhs, eta, omegas) - base) / (-omegas[k] * eta * 1e-3)
+            expected = error_gains(N, r, grid=257)[k]
+            assert abs(moved.abs().max().item() - expected) <= 1e-6 * max(1.0, expected), (N, r, k)
 
 
 def test_triton_forward_pieces(monkeypatch):
-    """The forward's launches: segments at the chosen chunk size, and with GKA_TRITON_TAIL=1 a ragged last chunk at
-    the smallest chunk size that holds it (never when that is the chosen size already)."""
+    """The forward's launches: segments at the chosen chunk size, then a ragged last chunk at the smallest chunk size
+    that holds it (never when that is the chosen size already); GKA_TRITON_TAIL=0 pads it instead."""
     pytest.importorskip('triton', reason='the launch plan belongs to the Triton backend')
     from gka_kernels.triton.config import forward_pieces
-    monkeypatch.delenv('GKA_TRITON_TAIL', raising=False)
+    monkeypatch.setenv('GKA_TRITON_TAIL', '0')
     assert forward_pieces(196, 4096, 64) == [(0, 196, 64)]
     assert forward_pieces(300, 128, 64) == [(0, 128, 64), (128, 256, 64), (256, 300, 64)]
-    monkeypatch.setenv('GKA_TRITON_TAIL', '1')
+    monkeypatch.delenv('GKA_TRITON_TAIL')
     assert forward_pieces(196, 4096, 64) == [(0, 192, 64), (192, 196, 16)]
     assert forward_pieces(300, 128, 64) == [(0, 128, 64), (128, 256, 64), (256, 300, 64)]   # a 44-token tail
     assert forward_pieces(77, 4096, 32) == [(0, 64, 32), (64, 77, 16)]

@@ -114,19 +114,28 @@ def test_fp16_matches_torch_backend():
     ins = [t.to(torch.float16).double() if i != 3 else t for i, t in enumerate(make_inputs(B, T, H, D, torch.float64))]
     do = torch.randn(B, T, H, D, dtype=torch.float64)
     ref = _run('torch', ins, torch.float64, N, C, None, do, None)
-    # h16x2: fp16 H⁰ products on rescaled rows (MODE 7); with FAST_ITERS its first steps single-pass fp16 (MODE 8)
-    for mode, fast in (('bf16x3', '0'), ('tf32', '0'), ('lowp', '0'), ('h16x2', '0'), ('h16x2', '15')):
-        os.environ.update(GKA_TRITON_DOT=mode, GKA_TRITON_FAST_ITERS=fast)
+    # the default: tf32x3 steps after fast_steps(30, 0.02) leading single-pass fp16 ones (MODE 8); h16x2: fp16 H⁰
+    # products on rescaled rows (MODE 7), with FAST_ITERS its first steps MODE 8; FAST_DOT=lowp: tf32 fast steps
+    def run(mode, env):
+        os.environ.update(env, GKA_TRITON_DOT=mode)
         try:
-            out = _run('triton', ins, torch.float16, N, C, None, do, None)
+            return _run('triton', ins, torch.float16, N, C, None, do, None)
         finally:
-            del os.environ['GKA_TRITON_DOT'], os.environ['GKA_TRITON_FAST_ITERS']
+            for key in list(env) + ['GKA_TRITON_DOT']:
+                del os.environ[key]
+
+    # the interpreter's fp16 dots do round: every step single-pass fp16 breaks the bound the default keeps
+    assert rel_rmse(run('bf16x3', {'GKA_TRITON_FAST_ITERS': '30'})['o'], ref['o']) > 3e-3
+    for mode, env in (('bf16x3', {}), ('bf16x3', {'GKA_TRITON_FAST_ITERS': '0'}),
+                      ('bf16x3', {'GKA_TRITON_FAST_DOT': 'lowp', 'GKA_TRITON_FAST_ITERS': '10'}), ('tf32', {}),
+                      ('lowp', {}), ('h16x2', {'GKA_TRITON_FAST_ITERS': '0'}), ('h16x2', {'GKA_TRITON_FAST_ITERS': '15'})):
+        out = run(mode, env)
         assert out['o'].dtype == torch.float16
         for name, r in ref.items():
             err = rel_rmse(out[name], r)
             # fp16 output rounding is ~3e-4; the fp16 dot operands of 'lowp' add ~1e-3
             bound = 1e-2 if mode == 'lowp' else 2e-3
-            assert err < bound, f'{mode} fast {fast} {name}: rel RMSE {err:.2e}'
+            assert err < bound, f'{mode} {env} {name}: rel RMSE {err:.2e}'
 
 
 @cases
@@ -148,8 +157,9 @@ def test_hybrid_backward_matches_fused():
 
 @cases
 def test_iteration_schedule_knobs():
-    """The single-pass leading steps and the chained accumulators are the same math (the interpreter computes every
-    dot in fp32, so only the GPU measures their rounding: tests/test_triton_gpu.py)."""
+    """Single-pass tf32 leading steps (FAST_DOT=lowp), the chained accumulators and the transposed solve are the same
+    math as the default (the interpreter computes tf32 dots in fp32, so only the GPU measures their rounding:
+    tests/test_triton_gpu.py); the default's fp16 leading steps stay within fp16 rounding of none."""
     ins = make_inputs(2, 45, 2, 32, torch.float16, requires_grad=True)
     do = torch.randn(2, 45, 2, 32, dtype=torch.float16)
 
@@ -160,8 +170,11 @@ def test_iteration_schedule_knobs():
         return [o] + [t.grad for t in xs]
 
     base = run()
-    for env in ({'GKA_TRITON_FAST_ITERS': '12'}, {'GKA_TRITON_FAST_ITERS': '40', 'GKA_TRITON_ILP': '0'},
-                {'GKA_TRITON_SOLVE_T': '1'}, {'GKA_TRITON_SOLVE_T': '1', 'GKA_TRITON_FAST_ITERS': '5'}):
+    # single-pass tf32 fast steps (FAST_DOT=lowp) are fp32 here; the default fp16 ones round (test above)
+    lowp = {'GKA_TRITON_FAST_DOT': 'lowp'}
+    for env in ({'GKA_TRITON_FAST_ITERS': '12', **lowp}, {'GKA_TRITON_FAST_ITERS': '40', 'GKA_TRITON_ILP': '0', **lowp},
+                {'GKA_TRITON_SOLVE_T': '1'}, {'GKA_TRITON_SOLVE_T': '1', 'GKA_TRITON_FAST_ITERS': '5'},
+                {'GKA_TRITON_FAST_ITERS': '0'}):
         os.environ.update(env)
         try:
             got = run()
@@ -201,9 +214,10 @@ def test_transposed_solve_matches_row_form():
 _CHAINED = ('o', 'h_kk', 'h_kv', 'o no-grad', 'dq', 'dk', 'dv', 'dg', 'dalpha')
 
 
-def _chained_runs(chunk: int, envs):
+def _chained_runs(chunk: int, envs, base=None):
     """Outputs, final states, the no-grad output and all gradients of one 77-token forward/backward with an initial
-    state, first as one pass, then under each env of ``envs`` (launches chained through their states)."""
+    state, first under ``base`` (default launches), then under each env of ``envs`` (launches chained through their
+    states)."""
     ins = make_inputs(2, 77, 2, 32, torch.float32)
     st = _states(2, 2, 32, 32, torch.float32)
     do = torch.randn(2, 77, 2, 32)
@@ -217,7 +231,12 @@ def _chained_runs(chunk: int, envs):
             o_ng = gk.gka_chunk(*ins, num_iter=12, chunk_size=chunk, initial_state=st, backend='triton')
         return [o, hk, hv, o_ng] + [t.grad for t in xs]
 
-    whole = run()
+    os.environ.update(base or {})
+    try:
+        whole = run()
+    finally:
+        for key in base or {}:
+            del os.environ[key]
     for env in envs:
         os.environ.update(env)
         try:
@@ -239,11 +258,12 @@ def test_segmented_forward_is_exact():
 
 @cases
 def test_tail_launch_matches_one_pass():
-    """GKA_TRITON_TAIL=1 runs a ragged last chunk as its own launch at a smaller chunk size, chained through the
-    states (also after segments): the same outputs, final states and gradients as one pass, to fp32 rounding."""
+    """A ragged last chunk runs as its own launch at a smaller chunk size, chained through the states (also after
+    segments): the same outputs, final states and gradients as one padded pass (GKA_TRITON_TAIL=0), to fp32
+    rounding."""
     # 64 + 13 tokens: the tail runs at chunk 16
-    envs = [{'GKA_TRITON_TAIL': '1'}, {'GKA_TRITON_TAIL': '1', 'GKA_TRITON_SEGMENT': '32'}]
-    for env, got, whole in _chained_runs(32, envs):
+    envs = [{}, {'GKA_TRITON_SEGMENT': '32'}]
+    for env, got, whole in _chained_runs(32, envs, base={'GKA_TRITON_TAIL': '0'}):
         for name, a, b in zip(_CHAINED, got, whole):
             assert rel_rmse(a, b) < 1e-5, f'{env} {name}: {rel_rmse(a, b):.2e}'
 

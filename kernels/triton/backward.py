@@ -95,7 +95,7 @@ def chunk_backward(q, k, v, g, alpha, h0, u0, x, f, do, dHT, dUT, num_iter, r, s
         q, k, v, g, alpha, x if solve else q, f if solve else g, do, H0s, U0s, RU,
         _omegas(num_iter, r, q.device), dq, dk, dv, dgam, dal, inc if solve else H0s,
         T, H, NC, float(r), float(scale), F_MIN,
-        D=D, DV=DV, C=C, N=num_iter, MODE=mode, **solve_schedule(mode, num_iter),
+        D=D, DV=DV, C=C, N=num_iter, MODE=mode, **solve_schedule(mode, num_iter, r),
         ACC=acc, num_warps=_num_warps(D, C),
     )
     dH_init = None

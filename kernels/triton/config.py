@@ -102,13 +102,13 @@ def segment_length(B: int, H: int, D: int, DV: int, T: int, chunk: int) -> int:
 def forward_pieces(T: int, segment: int, chunk: int):
     """The forward's launches as (start, end, chunk size), chained through their final states.
 
-    Segments of ``segment`` tokens at the chosen chunk size; with ``GKA_TRITON_TAIL=1`` a ragged last chunk runs as
-    its own launch at the smallest chunk size that holds it, so T = 196 at C = 64 computes 192 + 16 padded tokens
-    instead of 256 (the solve's cost is per padded token). Opt-in until timed on the GPU: the tail launch has few
-    programs and smaller tiles (benchmarks/KERNEL_NOTES.md, v8)."""
+    Segments of ``segment`` tokens at the chosen chunk size, then a ragged last chunk as its own launch at the
+    smallest chunk size that holds it, so T = 196 at C = 64 computes 192 + 16 padded tokens instead of 256 (the
+    solve's cost is per padded token): forward 1.79 vs 2.02 ms at B256 T196 H6 D64 on the H200
+    (benchmarks/KERNEL_NOTES.md, v8). ``GKA_TRITON_TAIL=0`` pads the last chunk instead (benchmarks)."""
     body = T
     tail_chunk = None
-    if os.environ.get('GKA_TRITON_TAIL', '0') == '1' and T > chunk and T % chunk:
+    if os.environ.get('GKA_TRITON_TAIL', '1') != '0' and T > chunk and T % chunk:
         tail_chunk = min(c for c in CHUNK_SIZES if c >= T % chunk)
         if tail_chunk < chunk:
             body = T - T % chunk

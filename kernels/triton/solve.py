@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..chebyshev import chebyshev_omegas
+from ..chebyshev import chebyshev_omegas, error_gains
 from .config import F_MIN
 from .dots import _lo, _mm, _mm16, _mm_t, _op, _xdot
 
@@ -65,15 +65,17 @@ def _cheb_solve(rhs, K, Kt, H0, M, e, f, r, om_ptr, C: tl.constexpr, D: tl.const
     else:
         Km = _op(K, MODE)
         Ktm = _op(Kt, MODE)
-    ys = f[:, None]   # unused placeholder outside MODE 6 / 7
+    ys = f[:, None]   # the row scale of the fp16 products (MODE 6 / 7 / 8); unused otherwise
     if TRANS:
         A0 = tl.trans(_op(H0, MODE))
         A0l = tl.trans(_lo(H0, MODE))
+        A0h = A0
         Mk = tl.trans(M)
         b = tl.trans(rhs)
         lam = (r * f)[None, :]
         eta = (2.0 / ((1.0 + 2.0 * r) * f))[None, :]
         ee = e[None, :]
+        eeh = ee
         x_prev = tl.zeros([D, C], dtype=tl.float32)
     else:
         Mk = M
@@ -81,24 +83,36 @@ def _cheb_solve(rhs, K, Kt, H0, M, e, f, r, om_ptr, C: tl.constexpr, D: tl.const
         lam = (r * f)[:, None]
         eta = (2.0 / ((1.0 + 2.0 * r) * f))[:, None]
         ee = e[:, None]
-        if MODE >= 6:
+        A0 = _op(H0, MODE)
+        A0l = _lo(H0, MODE)
+        A0h = A0
+        eeh = ee
+        if MODE >= 6 or FAST_MODE == 8:
             # ‖x_τ‖ ≤ ‖rhs_τ‖ / (r f_τ), so rows scaled by f_τ / ‖rhs_τ‖ stay within 1 / r of the origin (fp16 holds
-            # them for r ≥ 1e-3, which dot_mode checks); H⁰ / ‖H⁰‖ has entries ≤ 1
+            # them for r ≥ 1e-3, which dot_mode and solve_schedule check); H⁰ / ‖H⁰‖ has entries ≤ 1
             hn = tl.maximum(tl.sqrt(tl.sum(tl.sum(H0 * H0, 1), 0)), 1e-30)
             ys = (f / tl.maximum(tl.sqrt(tl.sum(rhs * rhs, 1)), 1e-20))[:, None]
-            A0 = (H0 / hn).to(tl.float16)
-            A0l = A0
-            ee = ee * hn / ys
-        else:
-            A0 = _op(H0, MODE)
-            A0l = _lo(H0, MODE)
+            A0h = (H0 / hn).to(tl.float16)
+            eeh = ee * hn / ys
+        if MODE >= 6:
+            A0 = A0h
+            A0l = A0h
+            ee = eeh
         x_prev = tl.zeros([C, D], dtype=tl.float32)
+    if FAST_MODE == 8:   # the leading steps' operands: fp16 on the scaled rows
+        A0f = A0h
+        A0fl = A0h
+        eef = eeh
+    else:
+        A0f = A0
+        A0fl = A0l
+        eef = ee
     x = eta * b
-    # The first FAST steps take single-pass products: the iteration damps an early step's rounding error by the
-    # remaining steps' contraction (benchmarks/KERNEL_NOTES.md, v4), so only the last steps need the split.
+    # The first FAST steps take single-pass products: the remaining steps damp an early step's rounding error
+    # (chebyshev.error_gains; solve_schedule picks FAST from it), so only the last steps need the split.
     for i in range(FAST):
         om = tl.load(om_ptr + i)
-        x_new = om * (x - eta * (_apply(x, A0, A0l, Km, Ktm, Mk, ee, lam, ys, FAST_MODE, ILP, TRANS) - b)) \
+        x_new = om * (x - eta * (_apply(x, A0f, A0fl, Km, Ktm, Mk, eef, lam, ys, FAST_MODE, ILP, TRANS) - b)) \
             + (1.0 - om) * x_prev
         x_prev = x
         x = x_new
@@ -205,17 +219,57 @@ def dot_mode(dot: str, dtype: torch.dtype, ridge_ratio: Optional[float] = None) 
     return _MODES[dot]
 
 
-def solve_schedule(mode: int, num_iter: int) -> dict:
+# Leading steps run single-pass in fp16 (on rows scaled to O(1 / r), MODE 8) while the rounding they leave, u·Σγ_k with
+# u = 2⁻¹¹ and γ_k the damping of the steps after them (chebyshev.error_gains), stays under FAST_TOL. The float64
+# emulation (benchmarks/solve_precision.py, N 20/30, r 0.005-0.1) puts the extra error of o at ≤ 0.7 and of ∂k at
+# ≤ 4.6 times that sum, so 4e-4 keeps o within ~3e-4 of the bf16 floor (1.66e-3 vs the 2e-3 bound).
+FAST_UNIT = 2.0 ** -11
+FAST_TOL = 4e-4
+
+
+@functools.lru_cache(maxsize=64)
+def fast_steps(num_iter: int, ridge_ratio: float) -> int:
+    """How many leading steps of an N-step solve may take single-pass fp16 products (0 for r < 1e-3: fp16's range)."""
+    if ridge_ratio < 1e-3 or num_iter < 2:
+        return 0
+    total, n = 0.0, 0
+    for gain in error_gains(int(num_iter), float(ridge_ratio))[:-1]:
+        total += FAST_UNIT * gain
+        if total > FAST_TOL:
+            break
+        n += 1
+    return n
+
+
+def solve_schedule(mode: int, num_iter: int, ridge_ratio: float) -> dict:
     """Kernel constants of the iteration schedule: FAST leading steps with single-pass products (split modes only),
     FAST_MODE their product mode, ILP independent accumulators for the split products, TRANS the iteration on xᵀ.
 
-    ``GKA_TRITON_FAST_ITERS`` (default 0), ``GKA_TRITON_ILP`` (default 1) and ``GKA_TRITON_SOLVE_T`` (default 0)
-    override (benchmarks)."""
-    fast_mode = {5: 2, 4: 1, 6: 8, 7: 8}.get(mode, mode)
-    fast = int(os.environ.get('GKA_TRITON_FAST_ITERS', '0')) if fast_mode != mode else 0
+    By default the split modes (4-7) run ``fast_steps(N, r)`` leading steps in single-pass fp16 (MODE 8).
+    Overrides (benchmarks): ``GKA_TRITON_FAST_ITERS=n`` the number of fast steps, ``GKA_TRITON_FAST_DOT=lowp``
+    single-pass bf16 / tf32 fast steps instead (modes 5 / 4, the only ones the transposed solve has),
+    ``GKA_TRITON_ILP`` (default 1) and ``GKA_TRITON_SOLVE_T`` (default 0)."""
     ilp = os.environ.get('GKA_TRITON_ILP', '1') != '0'
     trans = os.environ.get('GKA_TRITON_SOLVE_T', '0') == '1' and mode < 6   # MODE 6 / 7: rows only
-    return dict(FAST=max(0, min(fast, num_iter)), FAST_MODE=fast_mode, ILP=ilp, TRANS=trans)
+    fast_dot = os.environ.get('GKA_TRITON_FAST_DOT', 'fp16')
+    if fast_dot not in ('fp16', 'lowp'):
+        raise ValueError(f'GKA_TRITON_FAST_DOT must be fp16 or lowp, got {fast_dot!r}')
+    fp16_ok = ridge_ratio >= 1e-3 and not trans
+    if mode in (6, 7) or (mode in (4, 5) and fast_dot == 'fp16' and fp16_ok):
+        fast_mode = 8
+    else:
+        fast_mode = {5: 2, 4: 1}.get(mode, mode)
+    env = os.environ.get('GKA_TRITON_FAST_ITERS')
+    if fast_mode == mode:
+        fast = 0   # no split to skip
+    elif env is not None:
+        fast = int(env)
+    else:
+        fast = fast_steps(num_iter, ridge_ratio) if fast_mode == 8 else 0
+    fast = max(0, min(fast, num_iter))
+    if fast == 0 and mode in (4, 5):
+        fast_mode = {5: 2, 4: 1}[mode]   # no fast steps: no fp16 operands to prepare
+    return dict(FAST=fast, FAST_MODE=fast_mode, ILP=ilp, TRANS=trans)
 
 
 def acc_precision(dtype: torch.dtype) -> str:
@@ -286,7 +340,7 @@ def chunk_forward(q, k, v, g, alpha, H0, U0, num_iter: int, ridge_ratio: float, 
         T, H, NC, float(ridge_ratio), float(scale), F_MIN,
         *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(gs), *_strides3(alpha),
         *(_strides3(x) if x is not None else (0, 0, 0)), *_strides3(o),
-        D=D, DV=DV, C=chunk_size, N=num_iter, MODE=mode, **solve_schedule(mode, num_iter),
+        D=D, DV=DV, C=chunk_size, N=num_iter, MODE=mode, **solve_schedule(mode, num_iter, ridge_ratio),
         ACC=acc_precision(q.dtype), LOAD_F=False, READOUT=True,
         STORE_X=x is not None, num_warps=_num_warps(D, chunk_size),
     )
@@ -308,7 +362,7 @@ def chunk_adjoint_solve(rhs: torch.Tensor, k: torch.Tensor, g: torch.Tensor, f: 
         T, H, NC, float(ridge_ratio), 1.0, F_MIN,
         *_strides3(rhs), *_strides3(k), *_strides3(rhs), *_strides3(f), *_strides3(f),
         *_strides3(u), *_strides3(u),
-        D=D, DV=D, C=chunk_size, N=num_iter, MODE=mode, **solve_schedule(mode, num_iter),
+        D=D, DV=D, C=chunk_size, N=num_iter, MODE=mode, **solve_schedule(mode, num_iter, ridge_ratio),
         ACC=acc_precision(k.dtype), LOAD_F=True, READOUT=False,
         STORE_X=True, num_warps=_num_warps(D, chunk_size),
     )
