@@ -92,10 +92,12 @@ def make_solver(scheme: tuple) -> Callable:
     def chunk_solve(rhs, K, H0, d, f, num_iter, ridge_ratio):
         lam = (ridge_ratio * f)[..., None]
         eta = step_size(f, ridge_ratio)[..., None]
-        hn = H0.square().sum((-1, -2), keepdim=True).sqrt().clamp_min(1e-30)   # H⁰ normalised per chunk
+        hn = H0.abs().amax((-1, -2), keepdim=True)               # H⁰ / max|H⁰| per chunk, as the kernel
+        hn = torch.where(hn > 0, hn, torch.ones_like(hn))
         H0n_t = (H0 / hn).transpose(-1, -2)
         Kt = K.transpose(-1, -2)
-        fs = f[..., None]                                 # rows scaled by f: ‖f·x‖ ≤ 1/r (fp16 range)
+        rn = rhs.norm(dim=-1, keepdim=True)                      # rows scaled by f / ‖rhs‖: ‖·‖ ≤ 1/r (fp16 range)
+        fs = torch.where(rn > 0, f[..., None] / rn.clamp_min(1e-300), torch.ones_like(rn))
 
         def matvec(X, single):
             hm, km, sm = (fast_mode,) * 3 if single else (h_mode, k_mode, s_mode)

@@ -315,6 +315,30 @@ def test_stacked_batch_equals_separate_runs():
 
 
 @cases
+def test_decayed_state_stays_finite_in_fp16_steps():
+    """A state decayed to ~1e-24 squares to 0 in fp32: the fp16 leading steps (MODE 8) and h16x2 scale H⁰ and the
+    rows by their largest entries, so such a state does not overflow fp16 (it gave inf at T = 65,536 on the H200,
+    and here, while the scale was a Frobenius norm floored at 1e-30)."""
+    B, T, H, D = 1, 40, 2, 32
+    q, k, v, g, a = make_inputs(B, T, H, D, torch.float16)
+    h, u = _states(B, H, D, D, torch.float64)
+    st = ((h * 1e-24).float(), u.float())   # the first chunk's H⁰: entries ~1e-26, squares below fp32's range
+    do = torch.randn(B, T, H, D, dtype=torch.float64)
+    ins = [q, k, v, g, a]
+    ref = _run('torch', [t.double() for t in ins], torch.float64, 30, 16, st, do, None)
+    for env in ({}, {'GKA_TRITON_DOT': 'h16x2'}):
+        os.environ.update(env)
+        try:
+            out = _run('triton', ins, torch.float16, 30, 16, st, do, None)
+        finally:
+            for key in env:
+                del os.environ[key]
+        for name, r in ref.items():
+            assert torch.isfinite(out[name]).all(), f'{env} {name}'
+            assert rel_rmse(out[name], r) < 2e-3, f'{env} {name}: {rel_rmse(out[name], r):.2e}'
+
+
+@cases
 def test_zero_keys_stay_finite():
     B, T, H, D = 1, 40, 2, 32
     q, k, v, g, a = make_inputs(B, T, H, D, torch.float32, requires_grad=False)

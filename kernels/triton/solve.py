@@ -22,15 +22,15 @@ from .dots import _lo, _mm, _mm16, _mm_t, _op, _xdot
 def _apply(x, A0, A0l, Km, Ktm, Mk, ee, lam, ys, MODE: tl.constexpr, ILP: tl.constexpr, TRANS: tl.constexpr):
     """(H_τ + λ_τ I) applied to the iterate: rows x [C, D] with A0 = H⁰, Mk = M; or (TRANS) columns xᵀ [D, C] with
     A0 = H⁰ᵀ, Mk = Mᵀ (the row form multiplies by H⁰ from the right, i.e. applies H⁰ᵀ: an initial state may be
-    non-symmetric). MODE 6 / 7 (rows only): A0 = fp16(H⁰ / ‖H⁰‖), the H⁰ product on the rows scaled by ys [C, 1]
-    (to O(1 / r), fp16's range), ee = e·‖H⁰‖ / ys; the in-chunk products as MODE 5 (6) or 4 (7). MODE 8: the same
-    operands, every product single-pass fp16."""
+    non-symmetric). MODE 6 / 7 (rows only): A0 = fp16(H⁰ / max|H⁰|), the H⁰ product on the rows scaled by ys [C, 1]
+    (to O(1 / r), fp16's range), ee = e·max|H⁰| / ys; the in-chunk products as MODE 5 (6) or 4 (7). MODE 8: every
+    product single-pass fp16 on an iterate that is scaled already."""
     if MODE == 8:
-        # single-pass fp16 on the scaled rows: the leading steps of MODE 6 / 7 (FAST_MODE); the keys are exact in
-        # fp16 to ~3e-8 absolute (bf16 values below fp16's normal range lose bits)
-        yh = (x * ys).to(tl.float16)
-        out = ee * tl.dot(yh, A0) \
-            + tl.dot((tl.dot(yh, Ktm.to(tl.float16)) * Mk).to(tl.float16), Km.to(tl.float16)) / ys + lam * x
+        # single-pass fp16 on the iterate already scaled by ys (the leading steps, FAST_MODE): A0 = fp16(H⁰ / max|H⁰|),
+        # ee = e·max|H⁰|, Km / Ktm the keys in fp16 (exact to ~3e-8 absolute: bf16 values below fp16's normal range
+        # lose bits)
+        yh = x.to(tl.float16)
+        out = ee * tl.dot(yh, A0) + tl.dot((tl.dot(yh, Ktm) * Mk).to(tl.float16), Km) + lam * x
     elif MODE == 6:
         out = ee * _mm16(x * ys, A0, ILP) \
             + _mm(_mm(x, Ktm, Ktm, 5, False, ILP) * Mk, Km, Km, 5, False, ILP) + lam * x
@@ -89,33 +89,49 @@ def _cheb_solve(rhs, K, Kt, H0, M, e, f, r, om_ptr, C: tl.constexpr, D: tl.const
         eeh = ee
         if MODE >= 6 or FAST_MODE == 8:
             # ‖x_τ‖ ≤ ‖rhs_τ‖ / (r f_τ), so rows scaled by f_τ / ‖rhs_τ‖ stay within 1 / r of the origin (fp16 holds
-            # them for r ≥ 1e-3, which dot_mode and solve_schedule check); H⁰ / ‖H⁰‖ has entries ≤ 1
-            hn = tl.maximum(tl.sqrt(tl.sum(tl.sum(H0 * H0, 1), 0)), 1e-30)
-            ys = (f / tl.maximum(tl.sqrt(tl.sum(rhs * rhs, 1)), 1e-20))[:, None]
+            # them for r ≥ 1e-3, which dot_mode and solve_schedule check); H⁰ / max|H⁰| has entries ≤ 1. Both
+            # scales divide by the largest entry before squaring: a decayed state (entries ~1e-25) squares to 0 in
+            # fp32, and a floored norm would then blow H⁰ up past fp16's range (inf at T = 65,536, session 4).
+            hn = tl.max(tl.max(tl.abs(H0), 1), 0)
+            hn = tl.where(hn > 0.0, hn, 1.0)
+            rm = tl.max(tl.abs(rhs), 1)
+            rs = rhs / tl.where(rm > 0.0, rm, 1.0)[:, None]
+            rn = rm * tl.sqrt(tl.sum(rs * rs, 1))
+            # a zero row stays zero under any scale; the clamps keep ys and 1 / ys finite
+            ys = tl.where(rn > 0.0, tl.minimum(tl.maximum(f / tl.where(rn > 0.0, rn, 1.0), 1e-30), 1e30), 1.0)[:, None]
             A0h = (H0 / hn).to(tl.float16)
-            eeh = ee * hn / ys
+            eeh = ee * hn
         if MODE >= 6:
             A0 = A0h
             A0l = A0h
-            ee = eeh
+            ee = eeh / ys
         x_prev = tl.zeros([C, D], dtype=tl.float32)
-    if FAST_MODE == 8:   # the leading steps' operands: fp16 on the scaled rows
-        A0f = A0h
-        A0fl = A0h
-        eef = eeh
-    else:
-        A0f = A0
-        A0fl = A0l
-        eef = ee
     x = eta * b
     # The first FAST steps take single-pass products: the remaining steps damp an early step's rounding error
     # (chebyshev.error_gains; solve_schedule picks FAST from it), so only the last steps need the split.
-    for i in range(FAST):
-        om = tl.load(om_ptr + i)
-        x_new = om * (x - eta * (_apply(x, A0f, A0fl, Km, Ktm, Mk, eef, lam, ys, FAST_MODE, ILP, TRANS) - b)) \
-            + (1.0 - om) * x_prev
-        x_prev = x
-        x = x_new
+    if FAST_MODE == 8:
+        # in fp16 on y = ys·x: the operator acts on each row alone, so the scaled iterate follows the same recurrence
+        # with rhs·ys, and the scale is applied once instead of at every step
+        Kh = K.to(tl.float16)
+        Kth = Kt.to(tl.float16)
+        yb = b * ys
+        y = x * ys
+        y_prev = x_prev
+        for i in range(FAST):
+            om = tl.load(om_ptr + i)
+            y_new = om * (y - eta * (_apply(y, A0h, A0h, Kh, Kth, Mk, eeh, lam, ys, 8, ILP, TRANS) - yb)) \
+                + (1.0 - om) * y_prev
+            y_prev = y
+            y = y_new
+        x = y / ys
+        x_prev = y_prev / ys
+    else:
+        for i in range(FAST):
+            om = tl.load(om_ptr + i)
+            x_new = om * (x - eta * (_apply(x, A0, A0l, Km, Ktm, Mk, ee, lam, ys, FAST_MODE, ILP, TRANS) - b)) \
+                + (1.0 - om) * x_prev
+            x_prev = x
+            x = x_new
     for i in range(FAST, N):
         om = tl.load(om_ptr + i)
         x_new = om * (x - eta * (_apply(x, A0, A0l, Km, Ktm, Mk, ee, lam, ys, MODE, ILP, TRANS) - b)) \
