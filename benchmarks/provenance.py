@@ -21,13 +21,22 @@ def source_digest() -> str:
     return h.hexdigest()[:12]
 
 
-def git_commit() -> str:
+def _git(*args: str):
     try:
-        out = subprocess.run(['git', 'rev-parse', '--short=12', 'HEAD'], cwd=ROOT, capture_output=True, text=True,
-                             timeout=10)
+        out = subprocess.run(['git', *args], cwd=ROOT, capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def git_commit() -> str:
+    """HEAD, with '+dirty' when the package sources differ from it: a copied tree may carry an older .git (the GPU
+    machine's copy recorded the session's first commit), so a bare hash would name code that did not run."""
+    head = _git('rev-parse', '--short=12', 'HEAD')
+    if head is None:
         return 'unknown'
-    return out.stdout.strip() if out.returncode == 0 else 'unknown'
+    changed = _git('status', '--porcelain', '--', *SOURCES)
+    return head + ('+dirty' if changed is None or changed else '')
 
 
 def provenance() -> Dict:

@@ -237,8 +237,11 @@ def test_triton_forward_pieces(monkeypatch):
 def test_triton_segment_length(monkeypatch):
     pytest.importorskip('triton', reason='the segment policy belongs to the Triton backend')
     from gka_kernels.triton.config import segment_length
-    S = segment_length(16, 6, 64, 64, 4096, 32)        # gka_small at 1024 px, 8 images: ~256 MB of states
-    assert S % 32 == 0 and 2048 <= S < 4096
+    # gka_small at 1024 px, 16 images: ~64 MB of states would be 640 tokens; the 4,096-program floor gives 1,376
+    S = segment_length(16, 6, 64, 64, 4096, 32)
+    assert S == -(-4096 // (16 * 6)) * 32 == 1376
+    # at D = 32 the cap decides: 64 MB / (2·4·32·64·4 B) = 1,024 chunks, above the floor's 512
+    assert segment_length(2, 4, 32, 32, 65536, 32) == 1024 * 32
     assert segment_length(256, 6, 64, 64, 196, 32) >= 64   # ≥ 4,096 (chunk, head) programs per launch
     assert segment_length(1, 6, 64, 64, 65536, 32) >= 4096 * 32 // 6
     monkeypatch.setenv('GKA_TRITON_SEGMENT', '0')
@@ -246,8 +249,10 @@ def test_triton_segment_length(monkeypatch):
     monkeypatch.setenv('GKA_TRITON_SEGMENT', '100')
     assert segment_length(16, 6, 64, 64, 4096, 32) == 128
     monkeypatch.delenv('GKA_TRITON_SEGMENT')
-    monkeypatch.setenv('GKA_TRITON_STATE_MB', '64')       # a lower cap: shorter segments, down to the program floor
-    assert segment_length(16, 6, 64, 64, 4096, 32) == -(-4096 // (16 * 6)) * 32 < S
+    monkeypatch.setenv('GKA_TRITON_STATE_MB', '256')      # a higher cap: longer segments
+    assert 2048 <= segment_length(16, 6, 64, 64, 4096, 32) < 4096
+    monkeypatch.setenv('GKA_TRITON_STATE_MB', '16')       # a lower one: down to the program floor
+    assert segment_length(16, 6, 64, 64, 4096, 32) == S
     assert segment_length(256, 6, 64, 64, 196, 32) >= 64  # the program floor still holds
     monkeypatch.setenv('GKA_TRITON_STATE_MB', '0')
     with pytest.raises(GKAInputError, match='GKA_TRITON_STATE_MB'):

@@ -83,15 +83,17 @@ def backward_chunk_size(forward_chunk: int) -> int:
 def segment_length(B: int, H: int, D: int, DV: int, T: int, chunk: int) -> int:
     """Tokens per forward segment. The forward materialises the fp32 entry states of every chunk (D·(D + DV)
     floats per chunk and head: 4× the bytes of q, k, v together at D = 64, C = 32), so a long sequence runs in
-    segments that chain their final states, each holding at most ~256 MB of states but never fewer than 4,096
+    segments that chain their final states, each holding at most ~64 MB of states but never fewer than 4,096
     (chunk, head) programs per launch. Segments end on chunk boundaries, so the result is the same bit for bit.
+    The 64 MB cap (256 before) cut gka_small's inference peak at 1024 px from 1.00 to 0.88 GiB at 1 % of its
+    throughput on the H200; lower caps change nothing there, the program floor decides (KERNEL_NOTES.md, v10).
     ``GKA_TRITON_SEGMENT`` sets the length in tokens (rounded up to whole chunks; 0 = never segment);
-    ``GKA_TRITON_STATE_MB`` the cap (default 256; a lower one cuts inference's activation peak, benchmarks)."""
+    ``GKA_TRITON_STATE_MB`` the cap in MB (benchmarks)."""
     env = os.environ.get('GKA_TRITON_SEGMENT')
     if env is not None:
         n = int(env)
         return T if n <= 0 else -(-n // chunk) * chunk
-    cap_mb = int(os.environ.get('GKA_TRITON_STATE_MB', '256'))
+    cap_mb = int(os.environ.get('GKA_TRITON_STATE_MB', '64'))
     if cap_mb <= 0:
         raise GKAInputError(f'GKA_TRITON_STATE_MB must be a positive number of MB, got {cap_mb}')
     per_chunk = B * H * D * (D + DV) * 4
