@@ -80,7 +80,7 @@ SCHEDULES = [  # env overrides (kernels/triton: solve_schedule, acc_precision, b
     {}, {'GKA_TRITON_TAIL': '0', 'GKA_TRITON_FAST_ITERS': '0'}, {'GKA_TRITON_FAST_ITERS': '0'},
     {'GKA_TRITON_FAST_ITERS': '17'}, {'GKA_TRITON_FAST_ITERS': '20'},
     {'GKA_TRITON_FAST_DOT': 'lowp', 'GKA_TRITON_FAST_ITERS': '10'}, {'GKA_TRITON_DOT': 'h16x2'},
-    {'GKA_TRITON_CHUNK': '32'},
+    {'GKA_TRITON_CHUNK': '32'}, {'GKA_TRITON_STATE_PAIR': '1'},
 ]
 
 

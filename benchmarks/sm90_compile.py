@@ -23,9 +23,10 @@ from triton.compiler import ASTSource
 
 from gka_kernels.triton.backward_kernels import _bwd_chunk_kernel
 from gka_kernels.triton.solve import _chunk_solve_kernel
+from gka_kernels.triton.state_pass import _chunk_states_kernel
 
 FLOAT_ARGS = ('r', 'scale', 'f_min')
-BF16_PTRS = {'q_ptr', 'k_ptr', 'v_ptr', 'al_ptr', 'do_ptr', 'dq_ptr', 'dv_ptr', 'x_ptr', 'o_ptr'}
+BF16_PTRS = {'q_ptr', 'k_ptr', 'v_ptr', 'al_ptr', 'do_ptr', 'dq_ptr', 'dv_ptr', 'x_ptr', 'o_ptr', 'a_ptr', 'x2_ptr'}
 
 
 def compile_counts(kernel, const: dict, num_warps: int, fp32_ptrs=()) -> dict:
@@ -47,7 +48,8 @@ def compile_counts(kernel, const: dict, num_warps: int, fp32_ptrs=()) -> dict:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    p.add_argument('--kernel', choices=['solve', 'bwd', 'both'], default='both')
+    p.add_argument('--kernel', choices=['solve', 'bwd', 'both', 'states'], default='both',
+                   help='states: the forward state pass, alone and as the Gram + KV pair (GKA_TRITON_STATE_PAIR)')
     p.add_argument('--mode', type=int, default=5)
     p.add_argument('--chunk', type=int, default=64, help='forward chunk (the fused backward always tiles 16)')
     p.add_argument('--dim', type=int, default=64)
@@ -71,6 +73,12 @@ def main(argv=None):
         warps = args.warps or _num_warps(args.dim, args.chunk)
         res = compile_counts(_chunk_solve_kernel, const, warps, fp32_ptrs=('x_ptr',))
         print(f'forward solve  D={args.dim} C={args.chunk} MODE={args.mode} FAST={args.fast} warps={warps}: {res}')
+    if args.kernel == 'states':
+        for pair in (False, True):
+            const = dict(DA=args.dim, DX=args.dim, DX2=args.dim, C=args.chunk, BA=32, BX=32, HAS_INIT=True,
+                         STORE_FINAL=True, REVERSE=False, PREC='bf16x3', X_EXACT=True, PAIR=pair)
+            res = compile_counts(_chunk_states_kernel, const, 4)
+            print(f'state pass     D={args.dim} C={args.chunk} PAIR={pair} warps=4: {res}')
     if args.kernel in ('bwd', 'both'):
         const = dict(common, DV=args.dim, C=16)
         warps = args.warps or _num_warps(args.dim, 16)

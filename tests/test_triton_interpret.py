@@ -257,6 +257,28 @@ def test_segmented_forward_is_exact():
 
 
 @cases
+def test_paired_state_pass_is_exact():
+    """GKA_TRITON_STATE_PAIR=1 runs the Gram and KV passes as one launch: the same states bit for bit (also with
+    DV ≠ D and an initial state), and the same outputs, final states and gradients through the whole operator."""
+    from gka_kernels.triton.state_pass import chunk_states, gram_and_kv_states
+    for D, DV, dtype, init in ((32, 32, torch.float32, False), (32, 64, torch.float16, True), (64, 32, torch.float32, True)):
+        q, k, v, g, _ = make_inputs(2, 45, 2, D, dtype, Dv=DV)
+        h0, u0 = _states(2, 2, D, DV, torch.float32) if init else (None, None)
+        sep = (chunk_states(k, k, g, h0, 16), chunk_states(k, v, g, u0, 16))
+        os.environ['GKA_TRITON_STATE_PAIR'] = '1'
+        try:
+            pair = gram_and_kv_states(k, v, g, h0, u0, 16)
+        finally:
+            del os.environ['GKA_TRITON_STATE_PAIR']
+        for (s1, f1), (s2, f2) in zip(sep, pair):
+            assert torch.equal(s1, s2) and torch.equal(f1, f2), (D, DV, dtype)
+    envs = [{'GKA_TRITON_STATE_PAIR': '1'}, {'GKA_TRITON_STATE_PAIR': '1', 'GKA_TRITON_SEGMENT': '32'}]
+    for env, got, whole in _chained_runs(32, envs):
+        for name, a, b in zip(_CHAINED, got, whole):
+            assert torch.equal(a, b), f'{env} {name}: max diff {(a - b).abs().max():.2e}'
+
+
+@cases
 def test_tail_launch_matches_one_pass():
     """A ragged last chunk runs as its own launch at a smaller chunk size, chained through the states (also after
     segments): the same outputs, final states and gradients as one padded pass (GKA_TRITON_TAIL=0), to fp32

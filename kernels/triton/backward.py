@@ -25,7 +25,7 @@ from ..torch_chunk.readout import readout_backward
 from .backward_kernels import _bwd_chunk_kernel, _bwd_inter_kernel
 from .config import backward_chunk_size
 from .solve import _num_warps, _omegas, acc_precision, chunk_adjoint_solve, dot_mode, solve_schedule
-from .state_pass import chunk_states, scan_increments
+from .state_pass import chunk_states, gram_and_kv_states, scan_increments
 
 
 def _reverse_cumsum(x: torch.Tensor) -> torch.Tensor:
@@ -57,8 +57,8 @@ def _recompute(q, k, v, g, alpha, h0, u0, x, do, dHT, dUT, num_iter, scale, C) -
     # do in v's dtype (autograd hands it so): the kernels treat its tiles as exact in that dtype (dots.py)
     do = v.new_zeros(B, T, H, v.shape[-1]) if do is None else do.to(v.dtype).contiguous()
     acc = acc_precision(q.dtype)
-    H0s, HT = chunk_states(k, k, g, h0, C, want_final=dHT is not None, prec=acc)
-    U0s, UT = chunk_states(k, v, g, u0, C, want_final=dUT is not None, prec=acc)
+    (H0s, HT), (U0s, UT) = gram_and_kv_states(k, v, g, h0, u0, C, want_final=dHT is not None or dUT is not None,
+                                              prec=acc)
     f32 = torch.float32
     qt = q.to(f32) + alpha.to(f32)[..., None] * (x - q.to(f32)) if num_iter > 0 else q
     RU, dU_init = chunk_states(qt, do, g, dUT, C, reverse=True, scale=scale, prec=acc)

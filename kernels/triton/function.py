@@ -10,7 +10,7 @@ from ..validation import grad_needed
 from .backward import chunk_backward
 from .config import check_triton_inputs, forward_pieces, pick_chunk_size, segment_length, solve_dot_mode
 from .solve import acc_precision, chunk_forward
-from .state_pass import chunk_states
+from .state_pass import gram_and_kv_states
 
 State = Tuple[torch.Tensor, torch.Tensor]
 
@@ -30,8 +30,7 @@ class GKATritonFunction(torch.autograd.Function):
         DV = v.shape[-1]
         pieces = forward_pieces(T, segment_length(B, H, D, DV, T, chunk_size), chunk_size)
         if len(pieces) == 1:
-            H0s, HT = chunk_states(k, k, g, h0, chunk_size, prec=prec)
-            U0s, UT = chunk_states(k, v, g, u0, chunk_size, prec=prec)
+            (H0s, HT), (U0s, UT) = gram_and_kv_states(k, v, g, h0, u0, chunk_size, prec=prec)
             o, x, f = chunk_forward(q, k, v, g, alpha, H0s, U0s, num_iter, ridge_ratio, scale, chunk_size, dot,
                                     store_x=need_grad)
         else:
@@ -44,8 +43,7 @@ class GKATritonFunction(torch.autograd.Function):
             for start, end, C in pieces:
                 sl = slice(start, end)
                 ks, gs = k[:, sl], g[:, sl]
-                H0s, HT = chunk_states(ks, ks, gs, HT, C, prec=prec)
-                U0s, UT = chunk_states(ks, v[:, sl], gs, UT, C, prec=prec)
+                (H0s, HT), (U0s, UT) = gram_and_kv_states(ks, v[:, sl], gs, HT, UT, C, prec=prec)
                 seg_out = tuple(t[:, sl] if t is not None else None for t in (o, x, f))
                 chunk_forward(q[:, sl], ks, v[:, sl], gs, alpha[:, sl], H0s, U0s, num_iter, ridge_ratio, scale,
                               C, dot, store_x=need_grad, out=seg_out)

@@ -21,21 +21,11 @@ from .dots import _xdot
 
 
 @triton.jit
-def _chunk_states_kernel(
-        a_ptr, x_ptr, g_ptr, init_ptr, states_ptr, final_ptr,
-        T, H, NC, scale,
-        s_ab, s_at, s_ah,
-        s_xb, s_xt, s_xh,
-        s_gb, s_gt, s_gh,
-        DA: tl.constexpr, DX: tl.constexpr, C: tl.constexpr, BA: tl.constexpr, BX: tl.constexpr,
-        HAS_INIT: tl.constexpr, STORE_FINAL: tl.constexpr, REVERSE: tl.constexpr, PREC: tl.constexpr,
-        X_EXACT: tl.constexpr,
-):
-    bh = tl.program_id(0).to(tl.int64)   # b·h on the axis without the 65,535 limit
-    ia = tl.program_id(1)
-    ix = tl.program_id(2)
-    b = bh // H
-    h = bh % H
+def _states_tile(a_base, x_base, g_base, init_ptr, states_ptr, final_ptr, bh, ia, ix, T, NC, scale, s_at, s_xt, s_gt,
+                 DA: tl.constexpr, DX: tl.constexpr, C: tl.constexpr, BA: tl.constexpr, BX: tl.constexpr,
+                 HAS_INIT: tl.constexpr, STORE_FINAL: tl.constexpr, REVERSE: tl.constexpr, PREC: tl.constexpr,
+                 X_EXACT: tl.constexpr):
+    """One [BA, BX] tile of one (b, h)'s states, serial over the chunks."""
     ra = ia * BA + tl.arange(0, BA)
     rx = ix * BX + tl.arange(0, BX)
     rc = tl.arange(0, C)
@@ -44,9 +34,6 @@ def _chunk_states_kernel(
         cur = tl.load(init_ptr + bh * DA * DX + tile).to(tl.float32)
     else:
         cur = tl.zeros([BA, BX], dtype=tl.float32)
-    a_base = a_ptr + b * s_ab + h * s_ah
-    x_base = x_ptr + b * s_xb + h * s_xh
-    g_base = g_ptr + b * s_gb + h * s_gh
     for step in range(NC):
         if REVERSE:
             c = NC - 1 - step
@@ -68,6 +55,43 @@ def _chunk_states_kernel(
         cur = tl.exp(glast) * cur + inc
     if STORE_FINAL:
         tl.store(final_ptr + bh * DA * DX + tile, cur)
+
+
+@triton.jit
+def _chunk_states_kernel(
+        a_ptr, x_ptr, g_ptr, init_ptr, states_ptr, final_ptr,
+        x2_ptr, init2_ptr, states2_ptr, final2_ptr,
+        T, H, NC, scale,
+        s_ab, s_at, s_ah,
+        s_xb, s_xt, s_xh,
+        s_x2b, s_x2t, s_x2h,
+        s_gb, s_gt, s_gh,
+        DA: tl.constexpr, DX: tl.constexpr, DX2: tl.constexpr, C: tl.constexpr, BA: tl.constexpr,
+        BX: tl.constexpr, HAS_INIT: tl.constexpr, STORE_FINAL: tl.constexpr, REVERSE: tl.constexpr,
+        PREC: tl.constexpr, X_EXACT: tl.constexpr, PAIR: tl.constexpr,
+):
+    """PAIR: the grid's last axis also covers a second stream x2 (same a and decays) with its own states, so the
+    forward's Gram and KV passes run in one launch (programs ix ≥ DX / BX take x2)."""
+    bh = tl.program_id(0).to(tl.int64)   # b·h on the axis without the 65,535 limit
+    ia = tl.program_id(1)
+    ix = tl.program_id(2)
+    b = bh // H
+    h = bh % H
+    a_base = a_ptr + b * s_ab + h * s_ah
+    g_base = g_ptr + b * s_gb + h * s_gh
+    if PAIR:
+        if ix >= DX // BX:
+            _states_tile(a_base, x2_ptr + b * s_x2b + h * s_x2h, g_base, init2_ptr, states2_ptr, final2_ptr, bh, ia,
+                         ix - DX // BX, T, NC, scale, s_at, s_x2t, s_gt, DA, DX2, C, BA, BX, HAS_INIT, STORE_FINAL,
+                         REVERSE, PREC, X_EXACT)
+        else:
+            _states_tile(a_base, x_ptr + b * s_xb + h * s_xh, g_base, init_ptr, states_ptr, final_ptr, bh, ia, ix,
+                         T, NC, scale, s_at, s_xt, s_gt, DA, DX, C, BA, BX, HAS_INIT, STORE_FINAL, REVERSE, PREC,
+                         X_EXACT)
+    else:
+        _states_tile(a_base, x_ptr + b * s_xb + h * s_xh, g_base, init_ptr, states_ptr, final_ptr, bh, ia, ix,
+                     T, NC, scale, s_at, s_xt, s_gt, DA, DX, C, BA, BX, HAS_INIT, STORE_FINAL, REVERSE, PREC,
+                     X_EXACT)
 
 
 def _tile(d: int, bh: int) -> int:
@@ -94,27 +118,52 @@ def chunk_states(a: torch.Tensor, x: torch.Tensor, g: torch.Tensor, init: Option
     state after the whole pass (the final state forward, the gradient w.r.t. the initial state in reverse).
     ``prec``: operand precision of the per-chunk dot ('ieee' exact fp32, 'tf32x3' fp32-like on tensor cores, 'bf16x3'
     for bf16 inputs: dots.py)."""
+    return _launch(a, [(x, init)], g, chunk_size, reverse, scale, want_final, prec)[0]
+
+
+def gram_and_kv_states(k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, h0: Optional[torch.Tensor],
+                       u0: Optional[torch.Tensor], chunk_size: int, want_final: bool = True, prec: str = 'ieee'):
+    """The forward's two passes, ``chunk_states(k, k, …, h0)`` and ``chunk_states(k, v, …, u0)``: one launch whose
+    programs cover both when ``GKA_TRITON_STATE_PAIR=1`` (opt-in until timed: the passes are serial over chunks,
+    so one launch of twice the programs may run them side by side; KERNEL_NOTES.md, v11), else two. The same
+    arithmetic per program either way, so the states are the same bit for bit. h0 and u0 are both given or both
+    None. Returns ((H0s, HT), (U0s, UT))."""
+    if os.environ.get('GKA_TRITON_STATE_PAIR', '0') == '1' and k.dtype == v.dtype and (h0 is None) == (u0 is None):
+        return tuple(_launch(k, [(k, h0), (v, u0)], g, chunk_size, False, 1.0, want_final, prec))
+    return (chunk_states(k, k, g, h0, chunk_size, want_final=want_final, prec=prec),
+            chunk_states(k, v, g, u0, chunk_size, want_final=want_final, prec=prec))
+
+
+def _launch(a, streams, g, chunk_size, reverse, scale, want_final, prec):
+    """One launch of the state pass over one or two (x, init) streams sharing a and g."""
     B, T, H, DA = a.shape
-    DX = x.shape[-1]
     NC = triton.cdiv(T, chunk_size)
-    states = torch.empty(B * H, max(NC, 1), DA, DX, device=a.device, dtype=torch.float32)
-    final = torch.empty(B * H, DA, DX, device=a.device, dtype=torch.float32) if want_final else states
-    if init is not None:
-        init = init.to(torch.float32).reshape(B * H, DA, DX).contiguous()
-    BA, BX = _tile(DA, B * H), _tile(DX, B * H)
-    grid = (B * H, DA // BA, DX // BX)
-    _chunk_states_kernel[grid](
-        a, x, g, init if init is not None else states, states, final,
+    outs, inits = [], []
+    for x, init in streams:
+        DX = x.shape[-1]
+        states = torch.empty(B * H, max(NC, 1), DA, DX, device=a.device, dtype=torch.float32)
+        final = torch.empty(B * H, DA, DX, device=a.device, dtype=torch.float32) if want_final else states
+        outs.append((states, final))
+        inits.append(init.to(torch.float32).reshape(B * H, DA, DX).contiguous() if init is not None else states)
+    (x, init), (states, final) = streams[0], outs[0]
+    (x2, _), (states2, final2) = streams[-1], outs[-1]
+    BA = _tile(DA, B * H)
+    BX = min(_tile(x.shape[-1], B * H), _tile(x2.shape[-1], B * H))
+    pair = len(streams) == 2
+    nx = x.shape[-1] // BX + (x2.shape[-1] // BX if pair else 0)
+    _chunk_states_kernel[(B * H, DA // BA, nx)](
+        a, x, g, inits[0], states, final, x2, inits[-1], states2, final2,
         T, H, NC, float(scale),
         a.stride(0), a.stride(1), a.stride(2),
         x.stride(0), x.stride(1), x.stride(2),
+        x2.stride(0), x2.stride(1), x2.stride(2),
         g.stride(0), g.stride(1), g.stride(2),
-        DA=DA, DX=DX, C=chunk_size, BA=BA, BX=BX,
+        DA=DA, DX=x.shape[-1], DX2=x2.shape[-1], C=chunk_size, BA=BA, BX=BX,
         HAS_INIT=init is not None, STORE_FINAL=want_final, REVERSE=reverse, PREC=prec,
-        X_EXACT=x.dtype == torch.bfloat16,
+        X_EXACT=x.dtype == torch.bfloat16, PAIR=pair,
         num_warps=4,
     )
-    return states, (final if want_final else None)
+    return [(st, fi if want_final else None) for st, fi in outs]
 
 
 @triton.jit
