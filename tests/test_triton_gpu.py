@@ -176,6 +176,27 @@ def test_decode_bf16_vs_oracle():
     assert rel_rmse(o, o_ref[:, 4]) < 4e-3
 
 
+def test_large_keys_bf16_vs_float64_oracle():
+    """Keys of norm 1e6 in bf16 (outside fp16's range): the fp16 leading steps scale keys, rows and H⁰ by their
+    largest entries, so nothing overflows (tests/test_triton_interpret.py checks the fp16 twin on the CPU)."""
+    B, T, H, D = 2, 150, 2, 64
+    q, k, v, g, a = make_inputs(B, T, H, D, torch.bfloat16, device=DEV)
+    k = (k.double() * 1e6).to(torch.bfloat16)
+    ins = [t.double() for t in (q, k, v, g, a)]       # the oracle sees the bf16 values exactly
+    do = torch.randn(B, T, H, D, device=DEV, dtype=torch.float64)
+    x64 = [t.clone().requires_grad_() for t in ins]
+    (gk.gka_chunk(*x64, backend='torch') * do).sum().backward()
+    xs = [t.detach().clone().requires_grad_() for t in (q, k, v, g, a)]
+    o = gk.gka_chunk(*xs, backend='triton')
+    (o.double() * do).sum().backward()
+    o64 = gk.gka_chunk(*ins, backend='torch')
+    bounds = BOUNDS[torch.bfloat16]
+    assert torch.isfinite(o).all() and rel_rmse(o, o64) <= bounds['o'], rel_rmse(o, o64)
+    for name, t, r in zip(('q', 'k', 'v', 'g', 'alpha'), xs, x64):
+        assert torch.isfinite(t.grad).all(), name
+        assert rel_rmse(t.grad, r.grad) <= bounds[name], (name, rel_rmse(t.grad, r.grad))
+
+
 def test_long_sequence_bf16_is_finite():
     """T = 65,536 in bf16, with stretches of no decay (the Gram grows) and of zero keys (the Gram decays to 0)."""
     B, T, H, D = 1, 65536, 2, 64

@@ -361,6 +361,22 @@ def test_decayed_state_stays_finite_in_fp16_steps():
 
 
 @cases
+def test_large_keys_stay_finite_in_fp16_steps():
+    """Keys of norm 5e4 (fp16 inputs, entries up to ~2.5e4): the fp16 leading steps scale the keys by their largest
+    entry, so the scores y·k of the scaled rows do not overflow fp16 (they did: NaN in every output)."""
+    B, T, H, D = 1, 40, 2, 32
+    q, k, v, g, a = make_inputs(B, T, H, D, torch.float64)
+    ins = [q, k * 5e4, v, g, a]
+    do = torch.randn(B, T, H, D, dtype=torch.float64)
+    ref = _run('torch', ins, torch.float64, 30, 16, None, do, None)
+    out = _run('triton', [t.to(torch.float16).double() if i != 3 else t for i, t in enumerate(ins)], torch.float16,
+               30, 16, None, do, None)
+    for name, r in ref.items():
+        assert torch.isfinite(out[name]).all(), name
+        assert rel_rmse(out[name], r) < 2e-2, f'{name}: {rel_rmse(out[name], r):.2e}'
+
+
+@cases
 def test_zero_keys_stay_finite():
     B, T, H, D = 1, 40, 2, 32
     q, k, v, g, a = make_inputs(B, T, H, D, torch.float32, requires_grad=False)

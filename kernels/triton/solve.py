@@ -26,11 +26,11 @@ def _apply(x, A0, A0l, Km, Ktm, Mk, ee, lam, ys, MODE: tl.constexpr, ILP: tl.con
     (to O(1 / r), fp16's range), ee = e·max|H⁰| / ys; the in-chunk products as MODE 5 (6) or 4 (7). MODE 8: every
     product single-pass fp16 on an iterate that is scaled already."""
     if MODE == 8:
-        # single-pass fp16 on the iterate already scaled by ys (the leading steps, FAST_MODE): A0 = fp16(H⁰ / max|H⁰|),
-        # ee = e·max|H⁰|, Km / Ktm the keys in fp16 (exact to ~3e-8 absolute: bf16 values below fp16's normal range
-        # lose bits)
+        # single-pass fp16 on the iterate already scaled to O(1 / r) (the leading steps, FAST_MODE): A0 =
+        # fp16(H⁰ / max|H⁰|), ee = e·max|H⁰|, Km / Ktm = fp16(K / max|K|) and ys = max|K|² here, so the scores of
+        # the scaled rows stay O(√D / r) whatever the keys' magnitude (unscaled keys of norm 5e4 overflowed fp16)
         yh = x.to(tl.float16)
-        out = ee * tl.dot(yh, A0) + tl.dot((tl.dot(yh, Ktm) * Mk).to(tl.float16), Km) + lam * x
+        out = ee * tl.dot(yh, A0) + ys * tl.dot((tl.dot(yh, Ktm) * Mk).to(tl.float16), Km) + lam * x
     elif MODE == 6:
         out = ee * _mm16(x * ys, A0, ILP) \
             + _mm(_mm(x, Ktm, Ktm, 5, False, ILP) * Mk, Km, Km, 5, False, ILP) + lam * x
@@ -112,14 +112,16 @@ def _cheb_solve(rhs, K, Kt, H0, M, e, f, r, om_ptr, C: tl.constexpr, D: tl.const
     if FAST_MODE == 8:
         # in fp16 on y = ys·x: the operator acts on each row alone, so the scaled iterate follows the same recurrence
         # with rhs·ys, and the scale is applied once instead of at every step
-        Kh = K.to(tl.float16)
-        Kth = Kt.to(tl.float16)
+        km = tl.max(tl.max(tl.abs(K), 1), 0)
+        km = tl.where(km > 0.0, km, 1.0)
+        Kh = (K / km).to(tl.float16)
+        Kth = (Kt / km).to(tl.float16)
         yb = b * ys
         y = x * ys
         y_prev = x_prev
         for i in range(FAST):
             om = tl.load(om_ptr + i)
-            y_new = om * (y - eta * (_apply(y, A0h, A0h, Kh, Kth, Mk, eeh, lam, ys, 8, ILP, TRANS) - yb)) \
+            y_new = om * (y - eta * (_apply(y, A0h, A0h, Kh, Kth, Mk, eeh, lam, km * km, 8, ILP, TRANS) - yb)) \
                 + (1.0 - om) * y_prev
             y_prev = y
             y = y_new
