@@ -19,23 +19,23 @@ from .dots import _lo, _mm, _mm16, _mm_t, _op, _xdot
 
 
 @triton.jit
-def _apply(x, A0, A0l, Km, Ktm, Mk, ee, lam, ys, MODE: tl.constexpr, ILP: tl.constexpr, TRANS: tl.constexpr):
+def _apply(x, A0, A0l, Km, Ktm, Mk, ee, lam, sc, MODE: tl.constexpr, ILP: tl.constexpr, TRANS: tl.constexpr):
     """(H_τ + λ_τ I) applied to the iterate: rows x [C, D] with A0 = H⁰, Mk = M; or (TRANS) columns xᵀ [D, C] with
     A0 = H⁰ᵀ, Mk = Mᵀ (the row form multiplies by H⁰ from the right, i.e. applies H⁰ᵀ: an initial state may be
-    non-symmetric). MODE 6 / 7 (rows only): A0 = fp16(H⁰ / max|H⁰|), the H⁰ product on the rows scaled by ys [C, 1]
-    (to O(1 / r), fp16's range), ee = e·max|H⁰| / ys; the in-chunk products as MODE 5 (6) or 4 (7). MODE 8: every
-    product single-pass fp16 on an iterate that is scaled already."""
+    non-symmetric). sc is a scale of the fp16 modes, unused by the others.
+    MODE 6 / 7 (rows only): A0 = fp16(H⁰ / max|H⁰|), the H⁰ product on the rows scaled by sc = ys [C, 1] (to
+    O(1 / r), fp16's range), ee = e·max|H⁰| / ys; the in-chunk products as MODE 5 (6) or 4 (7).
+    MODE 8 (the fast leading steps): every product single-pass fp16 on an iterate that is scaled already, with
+    A0 = fp16(H⁰ / max|H⁰|), ee = e·max|H⁰|, Km / Ktm = fp16(K / max|K|) and sc = max|K|², so the scores of the
+    scaled rows stay O(√D / r) whatever the keys' magnitude (unscaled keys of norm 5e4 overflowed fp16)."""
     if MODE == 8:
-        # single-pass fp16 on the iterate already scaled to O(1 / r) (the leading steps, FAST_MODE): A0 =
-        # fp16(H⁰ / max|H⁰|), ee = e·max|H⁰|, Km / Ktm = fp16(K / max|K|) and ys = max|K|² here, so the scores of
-        # the scaled rows stay O(√D / r) whatever the keys' magnitude (unscaled keys of norm 5e4 overflowed fp16)
         yh = x.to(tl.float16)
-        out = ee * tl.dot(yh, A0) + ys * tl.dot((tl.dot(yh, Ktm) * Mk).to(tl.float16), Km) + lam * x
+        out = ee * tl.dot(yh, A0) + sc * tl.dot((tl.dot(yh, Ktm) * Mk).to(tl.float16), Km) + lam * x
     elif MODE == 6:
-        out = ee * _mm16(x * ys, A0, ILP) \
+        out = ee * _mm16(x * sc, A0, ILP) \
             + _mm(_mm(x, Ktm, Ktm, 5, False, ILP) * Mk, Km, Km, 5, False, ILP) + lam * x
     elif MODE == 7:
-        out = ee * _mm16(x * ys, A0, ILP) \
+        out = ee * _mm16(x * sc, A0, ILP) \
             + _mm(_mm(x, Ktm, Ktm, 4, False, ILP) * Mk, Km, Km, 4, False, ILP) + lam * x
     elif TRANS:
         out = ee * _mm_t(A0, A0l, x, MODE, True, ILP) \
