@@ -54,10 +54,12 @@ for s in "${stages[@]}"; do
                run_stage "glue$glue" 150 env GKA_FUSED_GLUE=$glue python3 benchmarks/models.py --out "$OUT/glue$glue" \
                  --budget-s 110 --models gka_small gka_small_alt --sizes 224 1024 2048
              done ;;
-    statecap)  # the forward's cap on chunk states (kernels/triton/config.segment_length): inference memory vs speed
-             for mb in 256 64; do
-               run_stage "statecap$mb" 150 env GKA_TRITON_STATE_MB=$mb python3 benchmarks/models.py \
-                 --out "$OUT/statecap$mb" --budget-s 90 --models gka_small gka_small_alt --sizes 1024 2048 --modes infer
+    statecap)  # the forward's cap on chunk states (kernels/triton/config.segment_length): inference memory vs speed;
+               # measured 2026-11-29: 256 vs 64 MB (now the default), 32 and 16 MB = 64 at D = 64 (the program floor)
+             for floor in 4096 2048 1024; do
+               run_stage "statefloor$floor" 150 env GKA_TRITON_MIN_PROGRAMS=$floor python3 benchmarks/models.py \
+                 --out "$OUT/statefloor$floor" --budget-s 90 --models gka_small deit_small_patch16_224 \
+                 --sizes 1024 2048 --modes infer
              done ;;
     lm)      # two peak rates per model, best kept: attention preferred 1e-3 to 3e-3 in a CPU check (0.51 vs 0.40)
              run_stage mqar 330 python3 benchmarks/mqar.py --out "$OUT" --budget-s 290 --lr 1e-3 3e-3

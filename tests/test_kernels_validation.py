@@ -254,6 +254,14 @@ def test_triton_segment_length(monkeypatch):
     monkeypatch.setenv('GKA_TRITON_STATE_MB', '16')       # a lower one: down to the program floor
     assert segment_length(16, 6, 64, 64, 4096, 32) == S
     assert segment_length(256, 6, 64, 64, 196, 32) >= 64  # the program floor still holds
+    monkeypatch.setenv('GKA_TRITON_MIN_PROGRAMS', '1024')   # a lower floor: 11 chunks of 32 (the 16 MB cap: 5)
+    assert segment_length(16, 6, 64, 64, 4096, 32) == 11 * 32
+    monkeypatch.setenv('GKA_TRITON_STATE_MB', '64')         # 64 MB: 21 chunks, now above the floor
+    assert segment_length(16, 6, 64, 64, 4096, 32) == (64 << 20) // (16 * 6 * 64 * 128 * 4) * 32 == 672
+    monkeypatch.setenv('GKA_TRITON_MIN_PROGRAMS', '0')
+    with pytest.raises(GKAInputError, match='GKA_TRITON_MIN_PROGRAMS'):
+        segment_length(16, 6, 64, 64, 4096, 32)
+    monkeypatch.delenv('GKA_TRITON_MIN_PROGRAMS')
     monkeypatch.setenv('GKA_TRITON_STATE_MB', '0')
     with pytest.raises(GKAInputError, match='GKA_TRITON_STATE_MB'):
         segment_length(16, 6, 64, 64, 4096, 32)

@@ -88,7 +88,8 @@ def segment_length(B: int, H: int, D: int, DV: int, T: int, chunk: int) -> int:
     The 64 MB cap (256 before) cut gka_small's inference peak at 1024 px from 1.00 to 0.88 GiB at 1 % of its
     throughput on the H200; lower caps change nothing there, the program floor decides (KERNEL_NOTES.md, v10).
     ``GKA_TRITON_SEGMENT`` sets the length in tokens (rounded up to whole chunks; 0 = never segment);
-    ``GKA_TRITON_STATE_MB`` the cap in MB (benchmarks)."""
+    ``GKA_TRITON_STATE_MB`` the cap in MB and ``GKA_TRITON_MIN_PROGRAMS`` the floor (benchmarks: a lower floor cuts
+    the states of gka_small at 1024 px further, at an untimed cost in launches)."""
     env = os.environ.get('GKA_TRITON_SEGMENT')
     if env is not None:
         n = int(env)
@@ -96,8 +97,11 @@ def segment_length(B: int, H: int, D: int, DV: int, T: int, chunk: int) -> int:
     cap_mb = int(os.environ.get('GKA_TRITON_STATE_MB', '64'))
     if cap_mb <= 0:
         raise GKAInputError(f'GKA_TRITON_STATE_MB must be a positive number of MB, got {cap_mb}')
+    floor = int(os.environ.get('GKA_TRITON_MIN_PROGRAMS', '4096'))
+    if floor <= 0:
+        raise GKAInputError(f'GKA_TRITON_MIN_PROGRAMS must be a positive number of programs, got {floor}')
     per_chunk = B * H * D * (D + DV) * 4
-    chunks = max((cap_mb << 20) // per_chunk, -(-4096 // (B * H)), 1)
+    chunks = max((cap_mb << 20) // per_chunk, -(-floor // (B * H)), 1)
     return chunks * chunk
 
 
