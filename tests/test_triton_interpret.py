@@ -128,7 +128,8 @@ def test_fp16_matches_torch_backend():
     assert rel_rmse(run('bf16x3', {'GKA_TRITON_FAST_ITERS': '30'})['o'], ref['o']) > 3e-3
     for mode, env in (('bf16x3', {}), ('bf16x3', {'GKA_TRITON_FAST_ITERS': '0'}),
                       ('bf16x3', {'GKA_TRITON_FAST_DOT': 'lowp', 'GKA_TRITON_FAST_ITERS': '10'}), ('tf32', {}),
-                      ('lowp', {}), ('h16x2', {'GKA_TRITON_FAST_ITERS': '0'}), ('h16x2', {'GKA_TRITON_FAST_ITERS': '15'})):
+                      ('lowp', {}), ('h16x2', {'GKA_TRITON_FAST_ITERS': '0'}),
+                      ('h16x2', {'GKA_TRITON_FAST_ITERS': '15'})):
         out = run(mode, env)
         assert out['o'].dtype == torch.float16
         for name, r in ref.items():
@@ -261,7 +262,8 @@ def test_paired_state_pass_is_exact():
     """GKA_TRITON_STATE_PAIR=1 runs the Gram and KV passes as one launch: the same states bit for bit (also with
     DV ≠ D and an initial state), and the same outputs, final states and gradients through the whole operator."""
     from gka_kernels.triton.state_pass import chunk_states, gram_and_kv_states
-    for D, DV, dtype, init in ((32, 32, torch.float32, False), (32, 64, torch.float16, True), (64, 32, torch.float32, True)):
+    for D, DV, dtype, init in ((32, 32, torch.float32, False), (32, 64, torch.float16, True),
+                               (64, 32, torch.float32, True)):
         q, k, v, g, _ = make_inputs(2, 45, 2, D, dtype, Dv=DV)
         h0, u0 = _states(2, 2, D, DV, torch.float32) if init else (None, None)
         sep = (chunk_states(k, k, g, h0, 16), chunk_states(k, v, g, u0, 16))
