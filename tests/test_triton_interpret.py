@@ -281,6 +281,27 @@ def test_paired_state_pass_is_exact():
 
 
 @cases
+def test_segments_hold_one_segment_of_states():
+    """A segmented forward frees each segment's chunk states before the next segment's exist: the peak of live
+    bytes is the outputs plus one segment's states (it held two while the loop variable kept the last ones)."""
+    from live_bytes import LiveBytes
+    B, T, H, D, C, S = 1, 1024, 2, 32, 32, 128
+    ins = make_inputs(B, T, H, D, torch.float32)
+    os.environ['GKA_TRITON_SEGMENT'] = str(S)
+    try:
+        with torch.no_grad(), LiveBytes(ins) as lb:
+            o = gk.gka_chunk(*ins, chunk_size=C, backend='triton')
+            del o
+    finally:
+        del os.environ['GKA_TRITON_SEGMENT']
+    f32 = 4
+    outputs = B * T * H * D * f32 + B * T * H * f32          # o and the solve's norms f
+    finals = 4 * B * H * D * D * f32                          # the chained final states (two generations)
+    segment = 2 * B * H * (S // C) * D * D * f32              # one segment's Gram and KV entry states
+    assert lb.peak <= outputs + finals + segment + 1024, (lb.peak, lb.at_peak[:6])
+
+
+@cases
 def test_tail_launch_matches_one_pass():
     """A ragged last chunk runs as its own launch at a smaller chunk size, chained through the states (also after
     segments): the same outputs, final states and gradients as one padded pass (GKA_TRITON_TAIL=0), to fp32

@@ -47,7 +47,9 @@ class GKATritonFunction(torch.autograd.Function):
                 seg_out = tuple(t[:, sl] if t is not None else None for t in (o, x, f))
                 chunk_forward(q[:, sl], ks, v[:, sl], gs, alpha[:, sl], H0s, U0s, num_iter, ridge_ratio, scale,
                               C, dot, store_x=need_grad, out=seg_out)
-            del H0s, U0s
+                # before the next segment's states exist: otherwise two segments' states are alive at once, twice
+                # the cap (the allocation-peak emulation of KERNEL_NOTES.md v12 found it)
+                del H0s, U0s
         ctx.save_for_backward(q, k, v, g, alpha, h0, u0, x, f)
         ctx.cfg = (num_iter, ridge_ratio, scale, chunk_size, dot)
         ctx.set_materialize_grads(False)

@@ -1,0 +1,82 @@
+"""Inference activation memory of the CUDA code path, emulated on a CPU.
+
+The Triton kernels run under TRITON_INTERPRET=1 with their launches turned into no-ops (only the tensors the code
+allocates matter here, not their values), the fused glue is forced on as on CUDA, and tests/live_bytes.py counts
+live tensor bytes under bf16 autocast. The peak is what benchmarks/models.py measures on the GPU as activation
+memory (peak allocated minus weights and inputs), up to ops that differ between CPU and CUDA: on 2026-11-29 the
+emulation read 808 MiB for DeiT-S and 1,011 / 1,131 MiB for gka_small (64 / 256 MB state cap) at 1024 px, batch
+16, where the H200 measured 768, 901 and 1,024 MiB; differences between two versions of our code matched to a few
+MiB. Use it to find what is alive at the peak and to check a memory change before a GPU run confirms it.
+
+    python benchmarks/memory_emulation.py --models gka_small deit_small_patch16_224 --size 1024 --batch 16 --top 12
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+os.environ.setdefault('TRITON_INTERPRET', '1')
+os.environ.setdefault('GKA_BACKEND', 'triton')
+os.environ.setdefault('GKA_FUSED_GLUE', '1')
+
+import torch  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, 'tests'))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from live_bytes import LiveBytes  # noqa: E402
+from provenance import provenance  # noqa: E402
+
+
+def _noop_kernels() -> None:
+    from triton.runtime.interpreter import InterpretedFunction
+    InterpretedFunction.run = lambda self, *args, **kwargs: None
+
+
+def measure(name: str, size: int, batch: int) -> LiveBytes:
+    import timm
+    import gka_vision  # noqa: F401  (registers the GKA models)
+    torch.manual_seed(0)
+    model = timm.create_model(name, img_size=size).eval()
+    x = torch.randn(batch, 3, size, size)
+    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16), \
+            LiveBytes(list(model.parameters()) + list(model.buffers()) + [x]) as lb:
+        y = model(x)
+        del y
+    return lb
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    p.add_argument('--models', nargs='+', default=['gka_small', 'deit_small_patch16_224'])
+    p.add_argument('--size', type=int, default=1024)
+    p.add_argument('--batch', type=int, default=16)
+    p.add_argument('--top', type=int, default=0, help='list the largest tensors alive at the peak')
+    p.add_argument('--out', default=None, help='write the rows as JSON here')
+    args = p.parse_args(argv)
+    if os.environ.get('TRITON_INTERPRET') != '1':
+        p.error('needs TRITON_INTERPRET=1 (the default when unset): the kernels must run in the interpreter')
+    _noop_kernels()
+    rows = []
+    for name in args.models:
+        t0 = time.time()
+        lb = measure(name, args.size, args.batch)
+        row = dict(model=name, size=args.size, batch=args.batch, peak_mib=round(lb.peak / 2 ** 20, 1),
+                   seconds=round(time.time() - t0, 1),
+                   at_peak=[dict(mib=round(n / 2 ** 20, 1), op=d[0], shape=list(d[1]), dtype=d[2])
+                            for n, d in lb.at_peak[:args.top]])
+        rows.append(row)
+        print(f"{name:28s} {args.size} px, batch {args.batch}: {row['peak_mib']:8.1f} MiB", flush=True)
+        for t in row['at_peak']:
+            print(f"    {t['mib']:7.1f} MiB  {t['op']}  {t['shape']}  {t['dtype']}")
+    if args.out:
+        with open(args.out, 'w') as fh:
+            json.dump(dict(provenance=provenance(), rows=rows), fh, indent=1)
+
+
+if __name__ == '__main__':
+    main()
