@@ -65,8 +65,8 @@ def main(argv=None):
     for name in args.models:
         t0 = time.time()
         lb = measure(name, args.size, args.batch)
-        row = dict(model=name, size=args.size, batch=args.batch, peak_mib=round(lb.peak / 2 ** 20, 1),
-                   seconds=round(time.time() - t0, 1),
+        row = dict(model=name, size=args.size, batch=args.batch, peak_bytes=lb.peak,
+                   peak_mib=round(lb.peak / 2 ** 20, 1), seconds=round(time.time() - t0, 1),
                    at_peak=[dict(mib=round(n / 2 ** 20, 1), op=d[0], shape=list(d[1]), dtype=d[2])
                             for n, d in lb.at_peak[:args.top]])
         rows.append(row)
