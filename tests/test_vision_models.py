@@ -307,6 +307,25 @@ def test_embedded_tokens_are_freed_after_the_first_block():
     assert alive == [False]
 
 
+def test_normalised_grid_is_freed_before_the_kernel(monkeypatch):
+    """Without autograd the block's pre-norm output (fp32 under autocast) is gone when the GKA kernel runs: the mixer
+    applies the norm itself and drops it after the projections (48 MiB net of gka_small's peak at 1024 px)."""
+    import weakref
+    from gka_vision.models import mixer as mixer_mod
+    m = timm.create_model('gka_tiny', img_size=64, depth=1).eval()
+    refs, alive = [], []
+    m.blocks[0].norm1.register_forward_hook(lambda mod, inp, out: refs.append(weakref.ref(out)))
+    kernel = mixer_mod._gka_kernel
+
+    def spy(*args, **kwargs):
+        alive.append(refs[-1]() is not None)
+        return kernel(*args, **kwargs)
+    monkeypatch.setattr(mixer_mod, '_gka_kernel', spy)
+    with torch.no_grad():
+        m(torch.randn(2, 3, 64, 64))
+    assert alive == [False]
+
+
 def test_fused_glue_switch(monkeypatch):
     """The fused glue kernels are the default on CUDA only; GKA_FUSED_GLUE=0 always keeps the PyTorch glue and a
     head dim without a power-of-two tile falls back to it."""

@@ -139,7 +139,7 @@ class GKABlock(nn.Module):
         self.drop_path2 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.drop_path1(self.mixer(self.norm1(x)))
+        x = x + self.drop_path1(self.mixer(x, self.norm1))   # the mixer applies norm1 (GKAMixer.forward)
         x = x + self.drop_path2(self.mlp(self.norm2(x)))
         return x
 
