@@ -104,7 +104,7 @@ def time_fla(B, T, H, D, mode: str) -> Optional[float]:
         return None
 
 
-def measure(shapes, modes=('fwd', 'fwdbwd'), skip_fwdbwd_d128=False) -> List[Dict]:
+def measure(shapes, modes=('fwd', 'fwdbwd')) -> List[Dict]:
     rows = []
     for (B, T, H, D) in shapes:
         row = dict(shape=shape_name(B, T, H, D), B=B, T=T, H=H, D=D)

@@ -54,8 +54,10 @@ if triton is not None:
         return s
 
     @triton.jit
-    def _fwd(o_ptr, idx_ptr, z_ptr, w_ptr, y_ptr, rstd_ptr, L, H, eps,
-             D: tl.constexpr, NDIR: tl.constexpr, BT: tl.constexpr, HAS_IDX: tl.constexpr):
+    def _head_tile(o_ptr, idx_ptr, z_ptr, w_ptr, L, H, D: tl.constexpr, NDIR: tl.constexpr, BT: tl.constexpr,
+                   HAS_IDX: tl.constexpr):
+        """What both directions of the kernel start from, for this program's tokens and head: the directions'
+        summed output s, the gate z and the norm weight w (fp32), and the tile's indices."""
         b = tl.program_id(0).to(tl.int64)
         pt = tl.program_id(1)
         h = tl.program_id(2)
@@ -64,10 +66,16 @@ if triton is not None:
         rd = tl.arange(0, D)
         HD = H * D
         s = _dir_sum(o_ptr, idx_ptr, b, p, pm, h, L, HD, D, NDIR, BT, HAS_IDX)
-        rstd = 1.0 / tl.sqrt(tl.sum(s * s, 1) / D + eps)
         tok = b * L + p
         zz = tl.load(z_ptr + tok[:, None] * HD + h * D + rd[None, :], mask=pm[:, None], other=0.0).to(tl.float32)
         w = tl.load(w_ptr + rd).to(tl.float32)
+        return b, pt, h, p, pm, rd, HD, tok, s, zz, w
+
+    @triton.jit
+    def _fwd(o_ptr, idx_ptr, z_ptr, w_ptr, y_ptr, rstd_ptr, L, H, eps,
+             D: tl.constexpr, NDIR: tl.constexpr, BT: tl.constexpr, HAS_IDX: tl.constexpr):
+        b, pt, h, p, pm, rd, HD, tok, s, zz, w = _head_tile(o_ptr, idx_ptr, z_ptr, w_ptr, L, H, D, NDIR, BT, HAS_IDX)
+        rstd = 1.0 / tl.sqrt(tl.sum(s * s, 1) / D + eps)
         y = s * rstd[:, None] * w[None, :] * (zz * tl.sigmoid(zz))
         tl.store(y_ptr + tok[:, None] * HD + h * D + rd[None, :], y.to(y_ptr.dtype.element_ty), mask=pm[:, None])
         tl.store(rstd_ptr + tok * H + h, rstd, mask=pm)
@@ -75,19 +83,9 @@ if triton is not None:
     @triton.jit
     def _bwd(o_ptr, idx_ptr, z_ptr, w_ptr, rstd_ptr, dy_ptr, do_ptr, dz_ptr, dw_ptr, L, H,
              D: tl.constexpr, NDIR: tl.constexpr, BT: tl.constexpr, HAS_IDX: tl.constexpr):
-        b = tl.program_id(0).to(tl.int64)
-        pt = tl.program_id(1)
-        h = tl.program_id(2)
-        p = pt * BT + tl.arange(0, BT)
-        pm = p < L
-        rd = tl.arange(0, D)
-        HD = H * D
-        s = _dir_sum(o_ptr, idx_ptr, b, p, pm, h, L, HD, D, NDIR, BT, HAS_IDX)
-        tok = b * L + p
+        b, pt, h, p, pm, rd, HD, tok, s, zz, w = _head_tile(o_ptr, idx_ptr, z_ptr, w_ptr, L, H, D, NDIR, BT, HAS_IDX)
         rstd = tl.load(rstd_ptr + tok * H + h, mask=pm, other=0.0)
-        zz = tl.load(z_ptr + tok[:, None] * HD + h * D + rd[None, :], mask=pm[:, None], other=0.0).to(tl.float32)
         dy = tl.load(dy_ptr + tok[:, None] * HD + h * D + rd[None, :], mask=pm[:, None], other=0.0).to(tl.float32)
-        w = tl.load(w_ptr + rd).to(tl.float32)
         xhat = s * rstd[:, None]
         sig = tl.sigmoid(zz)
         a = xhat * w[None, :]
