@@ -112,11 +112,12 @@ def test_other_schedules_vs_float64_oracle(shape, env, monkeypatch):
     assert not bad, f'{shape} {env}: {bad}; all: {err}'
 
 
-@pytest.mark.parametrize('r', [0.005, 0.05, 0.1])
+@pytest.mark.parametrize('r', [0.005, 0.01, 0.05, 0.1])
 def test_fast_steps_follow_the_ridge_ratio(r, monkeypatch):
-    """The number of single-pass fp16 leading steps follows the ridge ratio (solve.fast_steps: 1 at r = 0.005, 21 at
-    0.05, 25 at 0.1 for N = 30): at every r the default holds the bf16 bounds and its output error stays within 15 %
-    of the schedule without fast steps."""
+    """The number of single-pass fp16 leading steps follows the ridge ratio (solve.fast_steps: 0 at r = 0.005, 1 at
+    0.01, 21 at 0.05, 25 at 0.1 for N = 30): at every r the default holds the bf16 bounds, and its output error
+    stays within 15 % (∂k within 30 %) of the schedule without fast steps. r = 0.005 with one fast step (the rule
+    before session 5) gave ∂k 8.8e-3 here on the H200; the rule now shrinks its tolerance below r = 0.02."""
     err = _errors(4, 196, 6, 64, torch.bfloat16, r=r)
     monkeypatch.setenv('GKA_TRITON_FAST_ITERS', '0')
     err0 = _errors(4, 196, 6, 64, torch.bfloat16, r=r)
@@ -125,6 +126,7 @@ def test_fast_steps_follow_the_ridge_ratio(r, monkeypatch):
     bad = {k: f'{v:.2e} > {bounds[k]:.0e}' for k, v in err.items() if not v <= bounds[k]}
     assert not bad, f'r={r}: {bad}; all: {err}'
     assert err['o'] <= 1.15 * err0['o'], (err['o'], err0['o'])
+    assert err['k'] <= 1.3 * err0['k'], (err['k'], err0['k'])   # ∂k: the gradient the fast steps disturb most
 
 
 @pytest.mark.parametrize('D', [64, 128])
