@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Everything the GPU machine has to check and time (the device lease is short).
-#   bash benchmarks/gpu_suite.sh [stage ...]     stages: setup tests kernels schedule models modelprofile compiled
+#   bash benchmarks/gpu_suite.sh [stage ...]     stages: setup tests kernels schedule ab models modelprofile compiled
 #                                               fusedglue statecap lm demo
 #                                               (default: setup tests kernels models lm)
 # One device call may run 10 minutes, so run the stages in a few calls, each starting with setup. Measured stage
@@ -48,6 +48,8 @@ for s in "${stages[@]}"; do
     compiled)  # torch.compile on the whole model (the GKA kernel stays fenced): the glue fused by inductor
              run_stage compiled 300 python3 benchmarks/models.py --out "$OUT/compiled" --compile --budget-s 240 \
                --models gka_small deit_small_patch16_224 gka_small_alt --sizes 224 1024 2048 ;;
+    ab)      # interleaved A/B of kernel switches (runs drift ~10 % between stages); AB_ARGS: ab.py's flags
+             run_stage ab 300 python3 benchmarks/ab.py --out "$OUT/ab" ${AB_ARGS:-} ;;
     schedule) run_stage schedule 200 python3 benchmarks/gpu_kernels_check.py --only schedule,profile ;;
     fusedglue)  # the opt-in fused glue of the vision mixer (gka_vision/models/scan_qkv.py, merge_norm.py) against the
              # PyTorch glue in the same run (absolute times drift between machines)
