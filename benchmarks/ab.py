@@ -6,7 +6,7 @@ in rotated order, on the same inputs and the same model, and the report is each 
 and its ratio to the first variant with the range of the per-round ratios. The switches are read at each call
 (gka_kernels.triton.config / solve / state_pass), so one process can alternate them.
 
-    python benchmarks/ab.py --variants default STATE_PAIR=1 --out /tmp/ab
+    python benchmarks/ab.py --variants default STATE_PAIR=0 --out /tmp/ab
     python benchmarks/ab.py --variants default FAST_ITERS=17 --models gka_small --sizes 224 --modes infer
 """
 from __future__ import annotations
@@ -125,7 +125,7 @@ def markdown(rows: List[Dict]) -> str:
 
 def main(argv: Optional[List[str]] = None):
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    p.add_argument('--variants', nargs='+', default=['default', 'STATE_PAIR=1'],
+    p.add_argument('--variants', nargs='+', default=['default', 'STATE_PAIR=0'],
                    help="'default' or NAME=value[,NAME=value] (GKA_TRITON_ optional); the first is the baseline")
     p.add_argument('--shapes', nargs='*', default=KERNEL_SHAPES, help='kernel shapes B,T,H,D (none: skip)')
     p.add_argument('--kernel-modes', nargs='+', default=['fwd', 'fwdbwd'], choices=['fwd', 'fwdbwd'])

@@ -78,9 +78,9 @@ SCHEDULES = [  # env overrides (kernels/triton: solve_schedule, acc_precision, b
     # measured 2026-11-29 (KERNEL_NOTES v6-v9): SOLVE_T=1 (alone and with CHUNK=64), CHUNK=16, SEGMENT=0, WARPS=8,
     # STATE_TILE=16, FAST_ITERS=5, h16x2 with TAIL / FAST_ITERS=10 / FAST_ITERS=15
     {}, {'GKA_TRITON_TAIL': '0', 'GKA_TRITON_FAST_ITERS': '0'}, {'GKA_TRITON_FAST_ITERS': '0'},
-    {'GKA_TRITON_FAST_ITERS': '17'}, {'GKA_TRITON_FAST_ITERS': '20'},
+    {'GKA_TRITON_FAST_ITERS': '13'}, {'GKA_TRITON_FAST_ITERS': '20'},
     {'GKA_TRITON_FAST_DOT': 'lowp', 'GKA_TRITON_FAST_ITERS': '10'}, {'GKA_TRITON_DOT': 'h16x2'},
-    {'GKA_TRITON_CHUNK': '32'}, {'GKA_TRITON_STATE_PAIR': '1'},
+    {'GKA_TRITON_CHUNK': '32'}, {'GKA_TRITON_STATE_PAIR': '0'},
 ]
 
 

@@ -259,8 +259,9 @@ def test_segmented_forward_is_exact():
 
 @cases
 def test_paired_state_pass_is_exact():
-    """GKA_TRITON_STATE_PAIR=1 runs the Gram and KV passes as one launch: the same states bit for bit (also with
-    DV ≠ D and an initial state), and the same outputs, final states and gradients through the whole operator."""
+    """The Gram and KV passes as one launch (the default; GKA_TRITON_STATE_PAIR=0 runs two): the same states bit for
+    bit (also with DV ≠ D and an initial state), and the same outputs, final states and gradients through the whole
+    operator."""
     from gka_kernels.triton.state_pass import chunk_states, gram_and_kv_states
     for D, DV, dtype, init in ((32, 32, torch.float32, False), (32, 64, torch.float16, True),
                                (64, 32, torch.float32, True)):
@@ -274,7 +275,8 @@ def test_paired_state_pass_is_exact():
             del os.environ['GKA_TRITON_STATE_PAIR']
         for (s1, f1), (s2, f2) in zip(sep, pair):
             assert torch.equal(s1, s2) and torch.equal(f1, f2), (D, DV, dtype)
-    envs = [{'GKA_TRITON_STATE_PAIR': '1'}, {'GKA_TRITON_STATE_PAIR': '1', 'GKA_TRITON_SEGMENT': '32'}]
+    envs = [{'GKA_TRITON_STATE_PAIR': '0'}, {'GKA_TRITON_STATE_PAIR': '0', 'GKA_TRITON_SEGMENT': '32'},
+            {'GKA_TRITON_STATE_PAIR': '1', 'GKA_TRITON_SEGMENT': '32'}]
     for env, got, whole in _chained_runs(32, envs):
         for name, a, b in zip(_CHAINED, got, whole):
             assert torch.equal(a, b), f'{env} {name}: max diff {(a - b).abs().max():.2e}'

@@ -240,21 +240,26 @@ def dot_mode(dot: str, dtype: torch.dtype, ridge_ratio: Optional[float] = None) 
 # Leading steps run single-pass in fp16 (on rows scaled to O(1 / r), MODE 8) while the rounding they leave, u·Σγ_k with
 # u = 2⁻¹¹ and γ_k the damping of the steps after them (chebyshev.error_gains), stays under the tolerance. The float64
 # emulation (benchmarks/solve_precision.py, N 20/30, r 0.005-0.1) puts the extra error of o at ≤ 0.7 and of ∂k at
-# ≤ 4.6 times that sum, so 4e-4 keeps o within ~3e-4 of the bf16 floor (1.66e-3 vs the 2e-3 bound) for r ≥ 0.02.
+# ≤ 4.6 times that sum, so 4e-4 keeps o within ~3e-4 of its floor. bf16 inputs get 1e-3: their output's own
+# rounding (1.66e-3) absorbs the extra in quadrature, and the H200 measured 17 fast steps (Σ 8.6e-4 at N = 30,
+# r = 0.02) at o 1.69e-3 and ∂k 2.40e-3 against 1.67e-3 and 2.34e-3 without any, 4-5 % faster gka_small inference
+# (benchmarks/ab.py, session 5); 20 steps (Σ 1.7e-3) took ∂k to 3.4e-3.
 # Below r = 0.02 ∂k is far more sensitive than the emulation says (the H200, session 5: one fast step at r = 0.005,
 # 3.8e-4 of the budget, took ∂k from 2.4e-3 to 8.8e-3; the interpreter's fp16 path agrees: +1.6e-3 to +3.7e-3 there,
 # +3.5e-4 for one step at r = 0.01, +1.5e-4 for the 13 at r = 0.02), about as 1 / r², so the tolerance shrinks so.
 FAST_UNIT = 2.0 ** -11
 FAST_TOL = 4e-4
-FAST_TOL_R = 0.02   # the ridge ratio down to which FAST_TOL holds; below it the tolerance scales with (r / FAST_TOL_R)²
+FAST_TOL_BF16 = 1e-3
+FAST_TOL_R = 0.02   # the ridge ratio down to which the tolerance holds; below it it scales with (r / FAST_TOL_R)²
 
 
 @functools.lru_cache(maxsize=64)
-def fast_steps(num_iter: int, ridge_ratio: float) -> int:
-    """How many leading steps of an N-step solve may take single-pass fp16 products (0 for r < 1e-3: fp16's range)."""
+def fast_steps(num_iter: int, ridge_ratio: float, tol: float = FAST_TOL) -> int:
+    """How many leading steps of an N-step solve may take single-pass fp16 products (0 for r < 1e-3: fp16's range);
+    tol: FAST_TOL, or FAST_TOL_BF16 for bf16 inputs."""
     if ridge_ratio < 1e-3 or num_iter < 2:
         return 0
-    tol = FAST_TOL * min(1.0, (ridge_ratio / FAST_TOL_R) ** 2)
+    tol = tol * min(1.0, (ridge_ratio / FAST_TOL_R) ** 2)
     total, n = 0.0, 0
     for gain in error_gains(int(num_iter), float(ridge_ratio))[:-1]:
         total += FAST_UNIT * gain
@@ -268,7 +273,8 @@ def solve_schedule(mode: int, num_iter: int, ridge_ratio: float) -> dict:
     """Kernel constants of the iteration schedule: FAST leading steps with single-pass products (split modes only),
     FAST_MODE their product mode, ILP independent accumulators for the split products, TRANS the iteration on xᵀ.
 
-    By default the split modes (4-7) run ``fast_steps(N, r)`` leading steps in single-pass fp16 (MODE 8).
+    By default the split modes (4-7) run ``fast_steps(N, r, tol)`` leading steps in single-pass fp16 (MODE 8), with
+    the larger tolerance for bf16 inputs (modes 5 and 6).
     Overrides (benchmarks): ``GKA_TRITON_FAST_ITERS=n`` the number of fast steps, ``GKA_TRITON_FAST_DOT=lowp``
     single-pass bf16 / tf32 fast steps instead (modes 5 / 4, the only ones the transposed solve has),
     ``GKA_TRITON_ILP`` (default 1) and ``GKA_TRITON_SOLVE_T`` (default 0)."""
@@ -288,7 +294,9 @@ def solve_schedule(mode: int, num_iter: int, ridge_ratio: float) -> dict:
     elif env is not None:
         fast = int(env)
     else:
-        fast = fast_steps(num_iter, ridge_ratio) if fast_mode == 8 else 0
+        # modes 5 and 6 are bf16 inputs' (dot_mode)
+        tol = FAST_TOL_BF16 if mode in (5, 6) else FAST_TOL
+        fast = fast_steps(num_iter, ridge_ratio, tol) if fast_mode == 8 else 0
     fast = max(0, min(fast, num_iter))
     if fast == 0 and mode in (4, 5):
         fast_mode = {5: 2, 4: 1}[mode]   # no fast steps: no fp16 operands to prepare
