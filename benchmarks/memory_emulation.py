@@ -37,16 +37,28 @@ def _noop_kernels() -> None:
     InterpretedFunction.run = lambda self, *args, **kwargs: None
 
 
-def measure(name: str, size: int, batch: int) -> LiveBytes:
+def measure(name: str, size: int, batch: int, mode: str = 'infer') -> LiveBytes:
+    """The allocation peak of one inference forward, or (mode 'train') of a training step's forward and backward
+    (cross entropy on random labels; the parameter gradients count, as they do on the GPU, where models.py takes
+    its baseline after zero_grad(set_to_none=True))."""
     import timm
     import gka_vision  # noqa: F401  (registers the GKA models)
     torch.manual_seed(0)
-    model = timm.create_model(name, img_size=size).eval()
+    model = timm.create_model(name, img_size=size)
+    model.train(mode == 'train')
     x = torch.randn(batch, 3, size, size)
-    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16), \
-            LiveBytes(list(model.parameters()) + list(model.buffers()) + [x]) as lb:
-        y = model(x)
-        del y
+    y = torch.randint(0, model.num_classes, (batch,))
+    keep = list(model.parameters()) + list(model.buffers()) + [x, y]
+    if mode == 'infer':
+        with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16), LiveBytes(keep) as lb:
+            out = model(x)
+            del out
+        return lb
+    with LiveBytes(keep) as lb:
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        del loss
     return lb
 
 
@@ -55,6 +67,7 @@ def main(argv=None):
     p.add_argument('--models', nargs='+', default=['gka_small', 'deit_small_patch16_224'])
     p.add_argument('--size', type=int, default=1024)
     p.add_argument('--batch', type=int, default=16)
+    p.add_argument('--mode', choices=['infer', 'train'], default='infer')
     p.add_argument('--top', type=int, default=0, help='list the largest tensors alive at the peak')
     p.add_argument('--out', default=None, help='write the rows as JSON here')
     args = p.parse_args(argv)
@@ -64,13 +77,13 @@ def main(argv=None):
     rows = []
     for name in args.models:
         t0 = time.time()
-        lb = measure(name, args.size, args.batch)
-        row = dict(model=name, size=args.size, batch=args.batch, peak_bytes=lb.peak,
+        lb = measure(name, args.size, args.batch, args.mode)
+        row = dict(model=name, size=args.size, batch=args.batch, mode=args.mode, peak_bytes=lb.peak,
                    peak_mib=round(lb.peak / 2 ** 20, 1), seconds=round(time.time() - t0, 1),
                    at_peak=[dict(mib=round(n / 2 ** 20, 1), op=d[0], shape=list(d[1]), dtype=d[2])
                             for n, d in lb.at_peak[:args.top]])
         rows.append(row)
-        print(f"{name:28s} {args.size} px, batch {args.batch}: {row['peak_mib']:8.1f} MiB", flush=True)
+        print(f"{name:28s} {args.mode} {args.size} px, batch {args.batch}: {row['peak_mib']:8.1f} MiB", flush=True)
         for t in row['at_peak']:
             print(f"    {t['mib']:7.1f} MiB  {t['op']}  {t['shape']}  {t['dtype']}")
     if args.out:

@@ -27,3 +27,28 @@ def test_emulated_peak_holds_a_block_of_streams(tmp_path):
     floor = 4 * (B * n * L * H * D * 2) + B * L * d * 4
     assert row['peak_bytes'] >= floor
     assert row['at_peak'] and all(t['mib'] >= 0 for t in row['at_peak'])
+
+
+def test_training_peak_holds_what_the_backward_needs(tmp_path):
+    """--mode train: at the peak of a training step (forward and backward) every block still holds its saved q, k, v
+    of both directions and the solve's fp32 iterate, so the peak is well above the inference peak."""
+    pytest.importorskip('triton', reason='the emulation runs the Triton code path in the interpreter')
+    env = dict(os.environ, TRITON_INTERPRET='1')
+    env.pop('GKA_BACKEND', None)
+    peaks = {}
+    for mode in ('infer', 'train'):
+        out = tmp_path / f'{mode}.json'
+        subprocess.run([sys.executable, os.path.join(ROOT, 'benchmarks', 'memory_emulation.py'), '--models',
+                        'gka_tiny', '--size', '224', '--batch', '2', '--mode', mode, '--top', '2000', '--out',
+                        str(out)], check=True, env=env, cwd=ROOT, timeout=600, capture_output=True)
+        peaks[mode] = json.loads(out.read_text())['rows'][0]
+    train = peaks['train']
+    B, L, n, H, D, depth = 2, 196, 2, 3, 64, 12
+    qkv = 3 * (B * n * L * H * D * 2)     # bf16, both directions
+    x = B * n * L * H * D * 4              # the solve's fp32 iterate
+    assert train['mode'] == 'train' and train['peak_bytes'] >= depth * (qkv + x) + peaks['infer']['peak_bytes']
+    shape = [B * n, L, H, D]
+    saved_x = [t for t in train['at_peak'] if t['shape'] == shape and t['dtype'] == 'torch.float32']
+    saved_qkv = [t for t in train['at_peak'] if t['shape'] == shape and t['dtype'] == 'torch.bfloat16']
+    # the block whose backward runs at the peak may have released some of its own
+    assert len(saved_x) >= depth - 1 and len(saved_qkv) >= 3 * (depth - 1), (len(saved_x), len(saved_qkv))
