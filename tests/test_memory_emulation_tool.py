@@ -52,3 +52,7 @@ def test_training_peak_holds_what_the_backward_needs(tmp_path):
     saved_qkv = [t for t in train['at_peak'] if t['shape'] == shape and t['dtype'] == 'torch.bfloat16']
     # the block whose backward runs at the peak may have released some of its own
     assert len(saved_x) >= depth - 1 and len(saved_qkv) >= 3 * (depth - 1), (len(saved_x), len(saved_qkv))
+    # the depthwise conv's output is recomputed in the backward (scan_qkv.conv_scan_qkv), not saved per block: at
+    # most the one being recomputed is alive
+    conv_out = [t for t in train['at_peak'] if t['op'] == 'aten.convolution.default' and t['shape'][1] == 3 * H * D]
+    assert len(conv_out) <= 1, conv_out

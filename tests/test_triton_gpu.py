@@ -258,3 +258,35 @@ def test_fused_scan_qkv_vs_torch(dtype):
     for name, x, y in zip('qkv', out, ref):
         assert rel_rmse(x, y) < tol, name
     assert rel_rmse(raw.grad, raw64.grad) < tol and rel_rmse(beta.grad, beta64.grad) < tol
+
+
+def test_conv_scan_qkv_under_autocast_matches_conv_then_scan():
+    """The training path of the input glue (scan_qkv.conv_scan_qkv: the depthwise conv recomputed in the backward
+    instead of saved) against the conv followed by scan_qkv, under bf16 autocast on a channels-last projection as
+    the mixer runs it: the same outputs and gradients up to cuDNN's choice of algorithm between the two calls."""
+    from gka_vision.models.scan import scan_index
+    from gka_vision.models.scan_qkv import conv_scan_qkv, scan_qkv
+    torch.manual_seed(0)
+    B, Hg, Wg, H, D = 4, 31, 33, 6, 64
+    L, n, C3 = Hg * Wg, 2, 3 * H * D
+    idx = scan_index(('row', 'col_rev'), Hg, Wg, DEV)
+    conv = torch.nn.Conv2d(C3, C3, 3, padding=1, groups=C3, bias=False, device=DEV)
+    y = torch.randn(B, Hg, Wg, C3, device=DEV, dtype=torch.bfloat16).permute(0, 3, 1, 2).requires_grad_()
+    beta = (torch.rand(B * n, L, H, device=DEV) + 0.1).requires_grad_()
+    grads = [torch.randn(B * n, L, H, D, device=DEV) for _ in range(3)]
+    results = []
+    for recompute in (True, False):
+        with torch.autocast('cuda', dtype=torch.bfloat16):
+            if recompute:
+                out = conv_scan_qkv(y, conv, idx.perm, idx.inv, beta, n, D, 1e-6)
+            else:
+                raw = conv(y).permute(0, 2, 3, 1).reshape(B, L, C3).contiguous()
+                out = scan_qkv(raw, idx.perm, idx.inv, beta, n, D, 1e-6)
+        sum((a.float() * g).sum() for a, g in zip(out, grads)).backward()
+        results.append(([o.detach() for o in out], [t.grad.clone() for t in (y, conv.weight, beta)]))
+        y.grad = conv.weight.grad = beta.grad = None
+    (o1, g1), (o0, g0) = results
+    for name, a, b in zip('qkv', o1, o0):
+        assert rel_rmse(a, b) < 1e-3, name
+    for name, a, b in zip(('dy', 'dweight', 'dbeta'), g1, g0):
+        assert a.dtype == b.dtype and rel_rmse(a, b) < 4e-3, (name, rel_rmse(a, b))

@@ -527,6 +527,47 @@ def test_mixer_with_fused_glue():
 
 
 @cases
+@pytest.mark.parametrize('amp', [None, torch.float16], ids=['fp32', 'autocast-fp16'])
+@pytest.mark.parametrize('directions', [('row',), ('row', 'col_rev')])
+def test_conv_scan_qkv_recomputes_the_conv(directions, amp):
+    """conv_scan_qkv (the training path: the conv's output recomputed in the backward) equals the conv followed by
+    scan_qkv, in its outputs and in the gradients of the projection, the conv weight and β, also under autocast;
+    and the conv output is not among the tensors the node saves."""
+    from gka_vision.models.scan import scan_index
+    from gka_vision.models.scan_qkv import conv_scan_qkv, scan_qkv
+    torch.manual_seed(0)
+    B, Hg, Wg, H, D = 2, 5, 7, 3, 16
+    L, n, C3 = Hg * Wg, len(directions), 3 * H * D
+    idx = scan_index(directions, Hg, Wg, 'cpu')
+    perm, inv = (None, None) if idx.identity else (idx.perm, idx.inv)
+    conv = torch.nn.Conv2d(C3, C3, 3, padding=1, groups=C3, bias=False)
+    y = torch.randn(B, Hg, Wg, C3).permute(0, 3, 1, 2).requires_grad_()   # a permuted NHWC projection, as the mixer's
+    beta = (torch.rand(B * n, L, H) + 0.1).requires_grad_()
+    dq, dk, dv = (torch.randn(B * n, L, H, D) for _ in range(3))
+    results = []
+    for fused_conv in (True, False):
+        saved = []
+        with torch.autocast('cpu', dtype=amp or torch.bfloat16, enabled=amp is not None), \
+                torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
+            if fused_conv:
+                out = conv_scan_qkv(y, conv, perm, inv, beta, n, D, 1e-6)
+            else:
+                raw = conv(y).permute(0, 2, 3, 1).reshape(B, L, C3).contiguous()
+                out = scan_qkv(raw, perm, inv, beta, n, D, 1e-6)
+        sum((a.float() * b).sum() for a, b in zip(out, (dq, dk, dv))).backward()
+        results.append(([o.detach() for o in out], [t.grad.clone() for t in (y, conv.weight, beta)], saved))
+        y.grad = conv.weight.grad = beta.grad = None
+    (o1, g1, saved1), (o0, g0, saved0) = results
+    tol = 1e-6 if amp is None else 2e-3
+    for name, a, b in zip('qkv', o1, o0):
+        assert a.dtype == b.dtype and rel_rmse(a, b) < tol, name
+    for name, a, b in zip(('dy', 'dweight', 'dbeta'), g1, g0):
+        assert a.dtype == b.dtype and a.shape == b.shape and rel_rmse(a, b) < max(tol, 1e-5), name
+    conv_out = (B, L, C3)
+    assert conv_out in [tuple(s) for s in saved0] and conv_out not in [tuple(s) for s in saved1]
+
+
+@cases
 @pytest.mark.parametrize('directions', [('row',), ('row', 'row_rev'), ('row', 'col_rev', 'col', 'row_rev')])
 def test_fused_scan_qkv_matches_torch(directions):
     """The vision mixer's fused input glue (SiLU, q/k L2 norm, β scaling, per-direction gather; forward and backward

@@ -153,9 +153,17 @@ class GKAMixer(nn.Module):
         idx = scan_index(self.directions, Hg, Wg, x.device)
 
         fused = _fused_glue(x, D)
-        # [B, Hg, Wg, 3·H·D] before the SiLU; the projection itself is not kept (without autograd it is freed here,
-        # 3·H·D per token off the inference peak)
-        raw = self.conv(self.qkv(x).permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        y = self.qkv(x).permute(0, 3, 1, 2)
+        # Training with the fused glue: the conv runs inside conv_scan_qkv, which recomputes its output in the
+        # backward rather than saving it. Otherwise raw = [B, Hg, Wg, 3·H·D] before the SiLU, and the projection is
+        # not kept (without autograd it is freed here, 3·H·D per token off the inference peak).
+        recompute_conv = fused and torch.is_grad_enabled()
+        if not recompute_conv:
+            raw = self.conv(y).permute(0, 2, 3, 1)
+            del y
+            act_dtype = raw.dtype
+        else:
+            act_dtype = y.dtype   # the conv's output dtype: the projection's, under autocast or not
 
         gates = self.gate_proj(x).reshape(B, L, n, 3, H)
         if idx.identity:
@@ -166,12 +174,17 @@ class GKAMixer(nn.Module):
         ba = torch.sigmoid(gates[..., :2, :] + self.gate_bias[:, None])
         g = forget_gate_log_decay(gates[..., 2, :], self.A_log[:, None], self.dt_bias[:, None])
         beta = (ba[..., 0, :] + BETA_EPS).reshape(B * n, L, H)
-        alpha = ba[..., 1, :].reshape(B * n, L, H).to(raw.dtype)
+        alpha = ba[..., 1, :].reshape(B * n, L, H).to(act_dtype)
         g = g.reshape(B * n, L, H)
         z = self.out_gate(x).reshape(B, L, H * D)
         del x   # everything that reads the normalised grid has run
 
-        if fused:
+        if recompute_conv:
+            from .scan_qkv import conv_scan_qkv
+            perm, inv = (None, None) if idx.identity else (idx.perm, idx.inv)
+            q, k, v = conv_scan_qkv(y, self.conv, perm, inv, beta.contiguous(), n, D, L2_EPS)
+            del y
+        elif fused:
             from .scan_qkv import scan_qkv
             perm, inv = (None, None) if idx.identity else (idx.perm, idx.inv)
             q, k, v = scan_qkv(raw.reshape(B, L, 3 * H * D).contiguous(), perm, inv, beta.contiguous(), n, D, L2_EPS)
@@ -193,7 +206,8 @@ class GKAMixer(nn.Module):
             k = qkv[:, :, 1] * (inv_norm[:, :, 1] * beta)[..., None].to(dt)
             v = qkv[:, :, 2] * beta[..., None].to(dt)
             del qkv   # without autograd the gathered copy (n × 3 streams) is freed before the kernel runs
-        del raw
+        if not recompute_conv:
+            del raw
 
         if q.device.type == 'meta':
             # Meta tensors carry shapes only (timm builds models on 'meta' to check structure): skip the kernel's

@@ -21,7 +21,7 @@ try:
 except ImportError:  # gka_vision runs without triton; the fused path is then never enabled
     triton = None
 
-__all__ = ['scan_qkv']
+__all__ = ['scan_qkv', 'conv_scan_qkv']
 
 _BT = 32
 
@@ -111,34 +111,82 @@ if triton is not None:
                  mask=pm[:, None])
 
 
+def _scan_fwd(raw, perm, beta, ndir: int, head_dim: int, eps: float):
+    B, L, C3 = raw.shape
+    H = C3 // 3 // head_dim
+    q, k, v = (raw.new_empty(B * ndir, L, H, head_dim) for _ in range(3))
+    grid = (B * ndir, -(-L // _BT), H)   # the batch on axis 0, which has no 65,535 limit
+    _fwd[grid](raw, perm if perm is not None else raw, beta, q, k, v, L, H, ndir, float(eps),
+               D=head_dim, BT=_BT, HAS_PERM=perm is not None)
+    return q, k, v
+
+
+def _scan_bwd(raw, inv, beta, dq, dk, dv, ndir: int, head_dim: int, eps: float):
+    B, L, C3 = raw.shape
+    H = C3 // 3 // head_dim
+    grads = [t.contiguous() if t is not None else raw.new_zeros(B * ndir, L, H, head_dim) for t in (dq, dk, dv)]
+    draw = torch.empty_like(raw)
+    dbeta = torch.empty_like(beta)
+    grid = (B, -(-L // _BT), H)
+    _bwd[grid](raw, inv if inv is not None else raw, beta, *grads, draw, dbeta, L, H, ndir, float(eps),
+               D=head_dim, BT=_BT, HAS_PERM=inv is not None)
+    return draw, dbeta
+
+
 class _ScanQKV(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, raw, perm, inv, beta, ndir: int, head_dim: int, eps: float):
-        B, L, C3 = raw.shape
-        HD = C3 // 3
-        H = HD // head_dim
-        q, k, v = (raw.new_empty(B * ndir, L, H, head_dim) for _ in range(3))
-        grid = (B * ndir, -(-L // _BT), H)   # the batch on axis 0, which has no 65,535 limit
-        _fwd[grid](raw, perm if perm is not None else raw, beta, q, k, v, L, H, ndir, float(eps),
-                   D=head_dim, BT=_BT, HAS_PERM=perm is not None)
         ctx.save_for_backward(raw, inv, beta)
         ctx.cfg = (ndir, head_dim, eps)
-        return q, k, v
+        return _scan_fwd(raw, perm, beta, ndir, head_dim, eps)
 
     @staticmethod
     def backward(ctx, dq, dk, dv):
         raw, inv, beta = ctx.saved_tensors
-        ndir, D, eps = ctx.cfg
-        B, L, C3 = raw.shape
-        H = C3 // 3 // D
-        grads = [t.contiguous() if t is not None else raw.new_zeros(B * ndir, L, H, D) for t in (dq, dk, dv)]
-        draw = torch.empty_like(raw)
-        dbeta = torch.empty_like(beta)
-        grid = (B, -(-L // _BT), H)
-        _bwd[grid](raw, inv if inv is not None else raw, beta, *grads, draw, dbeta, L, H, ndir, float(eps),
-                   D=D, BT=_BT, HAS_PERM=inv is not None)
+        draw, dbeta = _scan_bwd(raw, inv, beta, dq, dk, dv, *ctx.cfg)
         return draw, None, None, dbeta, None, None, None
+
+
+def _conv_rows(y, weight, padding: int):
+    """The depthwise conv of the mixer on y [B, C3, Hg, Wg] as row-major tokens [B, L, C3] (a view when the conv
+    output is channels-last, as it is for y a permuted NHWC projection)."""
+    out = torch.nn.functional.conv2d(y, weight, None, 1, padding, 1, weight.shape[0])
+    B, C3, Hg, Wg = out.shape
+    return out.permute(0, 2, 3, 1).reshape(B, Hg * Wg, C3)
+
+
+class _ConvScanQKV(torch.autograd.Function):
+    """The depthwise conv and scan_qkv as one autograd node that saves the conv's input but not its output: the
+    backward recomputes the conv (cheap: 9 multiply-adds per element) instead of keeping a [B, L, 3·H·D] tensor per
+    block until then (7 % of gka_small's training activation peak, KERNEL_NOTES.md v14)."""
+
+    @staticmethod
+    def forward(ctx, y, weight, perm, inv, beta, ndir: int, head_dim: int, eps: float, padding: int):
+        # the recomputation in the backward must see the autocast state the forward ran under
+        dev = y.device.type
+        ctx.amp = (dev, torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))
+        raw = _conv_rows(y, weight, padding).contiguous()
+        ctx.save_for_backward(y, weight, inv, beta)
+        ctx.cfg = (ndir, head_dim, eps, padding)
+        return _scan_fwd(raw, perm, beta, ndir, head_dim, eps)
+
+    @staticmethod
+    def backward(ctx, dq, dk, dv):
+        y, weight, inv, beta = ctx.saved_tensors
+        ndir, head_dim, eps, padding = ctx.cfg
+        dev, amp, amp_dtype = ctx.amp
+        need_y, need_w = ctx.needs_input_grad[:2]
+        with torch.enable_grad(), torch.autocast(dev, dtype=amp_dtype, enabled=amp):
+            y_ = y.detach().requires_grad_(need_y)
+            w_ = weight.detach().requires_grad_(need_w)
+            raw = _conv_rows(y_, w_, padding)
+        draw, dbeta = _scan_bwd(raw.detach().contiguous(), inv, beta, dq, dk, dv, ndir, head_dim, eps)
+        wrt = [t for t, need in ((y_, need_y), (w_, need_w)) if need]
+        grads = iter(torch.autograd.grad(raw, wrt, draw.view(raw.shape)) if wrt else ())
+        dy = next(grads) if need_y else None
+        dw = next(grads) if need_w else None
+        return dy, dw, None, None, dbeta, None, None, None, None
 
 
 @torch.compiler.disable  # opaque to dynamo, like the GKA kernel call
@@ -156,3 +204,20 @@ def scan_qkv(raw: torch.Tensor, perm: Optional[torch.Tensor], inv: Optional[torc
         raise ValueError(f'scan_qkv: raw {list(raw.shape)} and beta {list(beta.shape)} do not match n = {ndir}, '
                          f'head_dim = {head_dim}')
     return _ScanQKV.apply(raw, perm, inv, beta, ndir, head_dim, eps)
+
+
+@torch.compiler.disable
+def conv_scan_qkv(y: torch.Tensor, conv: torch.nn.Conv2d, perm: Optional[torch.Tensor], inv: Optional[torch.Tensor],
+                  beta: torch.Tensor, ndir: int, head_dim: int,
+                  eps: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``scan_qkv(conv(y) as row-major tokens, …)`` for training: y [B, 3·H·D, Hg, Wg] is the projection the mixer's
+    depthwise ``conv`` (no bias, same-size padding, one group per channel) reads; the conv's output is recomputed in
+    the backward instead of being saved."""
+    C3 = y.shape[1]
+    if conv.bias is not None or conv.groups != C3 or conv.stride != (1, 1) or conv.dilation != (1, 1) \
+            or conv.padding != (conv.kernel_size[0] // 2, conv.kernel_size[1] // 2):
+        raise ValueError('conv_scan_qkv takes a same-size depthwise conv without bias')
+    if not beta.is_contiguous() or beta.shape != (y.shape[0] * ndir, y.shape[2] * y.shape[3], C3 // 3 // head_dim):
+        raise ValueError(f'conv_scan_qkv: y {list(y.shape)} and beta {list(beta.shape)} do not match n = {ndir}, '
+                         f'head_dim = {head_dim}')
+    return _ConvScanQKV.apply(y, conv.weight, perm, inv, beta, ndir, head_dim, eps, conv.padding[0])
