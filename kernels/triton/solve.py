@@ -250,7 +250,7 @@ def dot_mode(dot: str, dtype: torch.dtype, ridge_ratio: Optional[float] = None) 
 FAST_UNIT = 2.0 ** -11
 FAST_TOL = 4e-4
 FAST_TOL_BF16 = 1e-3
-FAST_TOL_R = 0.02   # the ridge ratio down to which the tolerance holds; below it it scales with (r / FAST_TOL_R)²
+FAST_TOL_R = 0.02   # the tolerance holds down to this ridge ratio and scales with (r / FAST_TOL_R)² below it
 
 
 @functools.lru_cache(maxsize=64)

@@ -126,9 +126,8 @@ def gram_and_kv_states(k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, h0: Op
     """The forward's two passes, ``chunk_states(k, k, …, h0)`` and ``chunk_states(k, v, …, u0)``: one launch whose
     programs cover both (the passes are serial over chunks, so twice the programs run them side by side: 2-4 % off
     gka_chunk's fwd+bwd and 2 % off gka_small's training step at 1024 px on the H200, KERNEL_NOTES.md v11), or two
-    launches with ``GKA_TRITON_STATE_PAIR=0``. The same
-    arithmetic per program either way, so the states are the same bit for bit. h0 and u0 are both given or both
-    None. Returns ((H0s, HT), (U0s, UT))."""
+    launches with ``GKA_TRITON_STATE_PAIR=0``. The same arithmetic per program either way, so the states are the
+    same bit for bit. h0 and u0 are both given or both None. Returns ((H0s, HT), (U0s, UT))."""
     if os.environ.get('GKA_TRITON_STATE_PAIR', '1') != '0' and k.dtype == v.dtype and (h0 is None) == (u0 is None):
         return tuple(_launch(k, [(k, h0), (v, u0)], g, chunk_size, False, 1.0, want_final, prec))
     return (chunk_states(k, k, g, h0, chunk_size, want_final=want_final, prec=prec),
