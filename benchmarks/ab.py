@@ -3,8 +3,9 @@
 Separate runs of one variant after another drift by ~10 % on the H200 (the same default measured 1.74 and 1.93 ms
 in two stages of one call, 2026-11-29), more than most kernel changes gain. Here every variant runs in every round,
 in rotated order, on the same inputs and the same model, and the report is each variant's median over the rounds
-and its ratio to the first variant with the range of the per-round ratios. The switches are read at each call
-(gka_kernels.triton.config / solve / state_pass), so one process can alternate them.
+and its ratio to the first variant with the range of the per-round ratios (whole models: also each variant's
+peak activation memory). The switches are read at each call (gka_kernels.triton.config / solve / state_pass), so
+one process can alternate them.
 
     python benchmarks/ab.py --variants default STATE_PAIR=0 --out /tmp/ab
     python benchmarks/ab.py --variants default FAST_ITERS=17 --models gka_small --sizes 224 --modes infer
@@ -69,6 +70,21 @@ def _time(fn: Callable[[], object], iters: int) -> float:
     return start.elapsed_time(end) / iters
 
 
+def peak_gib(step: Callable[[], object], variants: List[Dict[str, str]]) -> List[float]:
+    """Peak memory of one call of step above what was allocated before it, per variant (GiB): the activation
+    memory for a model step, as benchmarks/models.py measures it."""
+    out = []
+    for env in variants:
+        with Switch(env):
+            torch.cuda.synchronize()
+            base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            step()
+            torch.cuda.synchronize()
+            out.append((torch.cuda.max_memory_allocated() - base) / 2 ** 30)
+    return out
+
+
 def interleave(step: Callable[[], object], variants: List[Dict[str, str]], rounds: int, iters: int,
                warmup: int = 3) -> List[List[float]]:
     """ms per call of step under each variant, one list of rounds per variant (rotated order each round)."""
@@ -87,12 +103,16 @@ def interleave(step: Callable[[], object], variants: List[Dict[str, str]], round
     return times
 
 
-def summarise(case: str, names: List[str], times: List[List[float]]) -> List[Dict]:
+def summarise(case: str, names: List[str], times: List[List[float]],
+              mem_gib: Optional[List[float]] = None) -> List[Dict]:
     rows = []
-    for name, ts, base in zip(names, times, [times[0]] * len(times)):
-        per_round = [t / b for t, b in zip(ts, base)]
-        rows.append(dict(case=case, variant=name, ms=statistics.median(ts), ratio=statistics.median(per_round),
-                         ratio_min=min(per_round), ratio_max=max(per_round), rounds=len(ts)))
+    for i, (name, ts) in enumerate(zip(names, times)):
+        per_round = [t / b for t, b in zip(ts, times[0])]
+        row = dict(case=case, variant=name, ms=statistics.median(ts), ratio=statistics.median(per_round),
+                   ratio_min=min(per_round), ratio_max=max(per_round), rounds=len(ts))
+        if mem_gib is not None:
+            row['act_gib'] = mem_gib[i]
+        rows.append(row)
     return rows
 
 
@@ -116,10 +136,12 @@ def kernel_step(shape: str, mode: str) -> Callable[[], object]:
 
 
 def markdown(rows: List[Dict]) -> str:
-    out = ['| case | variant | ms (median) | ratio to first | per-round range |', '|---|---|---|---|---|']
+    out = ['| case | variant | ms (median) | ratio to first | per-round range | act. GiB |',
+           '|---|---|---|---|---|---|']
     for r in rows:
+        mem = f"{r['act_gib']:.2f}" if 'act_gib' in r else '-'
         out.append(f"| {r['case']} | {r['variant']} | {r['ms']:.3f} | {r['ratio']:.3f} | "
-                   f"{r['ratio_min']:.3f}-{r['ratio_max']:.3f} |")
+                   f"{r['ratio_min']:.3f}-{r['ratio_max']:.3f} | {mem} |")
     return '\n'.join(out) + '\n'
 
 
@@ -143,8 +165,9 @@ def main(argv: Optional[List[str]] = None):
     out.mkdir(parents=True, exist_ok=True)
     rows: List[Dict] = []
 
-    def record(case, step):
-        new = summarise(case, args.variants, interleave(step, variants, args.rounds, args.iters))
+    def record(case, step, memory=False):
+        times = interleave(step, variants, args.rounds, args.iters)
+        new = summarise(case, args.variants, times, peak_gib(step, variants) if memory else None)
         for r in new:
             print(json.dumps(r), flush=True)
         rows.extend(new)
@@ -161,7 +184,8 @@ def main(argv: Optional[List[str]] = None):
                 for mode in args.modes:
                     batch = (mb.INFER_BATCH if mode == 'infer' else mb.TRAIN_BATCH)[size]
                     model = mb.build(name, size, 'cuda')
-                    record(f'{name} {size}px b{batch} {mode}', mb._step_fn(model, batch, size, mode, 'cuda'))
+                    record(f'{name} {size}px b{batch} {mode}', mb._step_fn(model, batch, size, mode, 'cuda'),
+                           memory=True)
                     del model
                     torch.cuda.empty_cache()
     env = provenance()

@@ -33,4 +33,6 @@ def test_ratios_are_per_round_against_the_first_variant():
     # per-round ratios 0.5, 0.75, 1.1: the median and range of those, not the ratio of the medians (3.0 / 3.0)
     assert rows[1]['ratio'] == pytest.approx(0.75) and rows[1]['ratio_min'] == pytest.approx(0.5)
     assert rows[1]['ratio_max'] == pytest.approx(1.1)
-    assert '| case | b | 3.000 | 0.750 | 0.500-1.100 |' in ab.markdown(rows)
+    assert '| case | b | 3.000 | 0.750 | 0.500-1.100 | - |' in ab.markdown(rows)
+    rows = ab.summarise('model', ['a', 'b'], [[2.0], [1.0]], mem_gib=[0.75, 0.5])
+    assert rows[1]['act_gib'] == 0.5 and '| model | b | 1.000 | 0.500 | 0.500-0.500 | 0.50 |' in ab.markdown(rows)
