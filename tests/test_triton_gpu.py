@@ -116,9 +116,10 @@ def test_other_schedules_vs_float64_oracle(shape, env, monkeypatch):
 @pytest.mark.parametrize('r', [0.005, 0.01, 0.05, 0.1])
 def test_fast_steps_follow_the_ridge_ratio(r, monkeypatch):
     """The number of single-pass fp16 leading steps follows the ridge ratio (solve.fast_steps with bf16's tolerance:
-    0 at r = 0.005, 3 at 0.01, 17 at 0.02, 24 at 0.05, 27 at 0.1 for N = 30): at every r the default holds the bf16 bounds, and its output error
-    stays within 15 % (∂k within 30 %) of the schedule without fast steps. r = 0.005 with one fast step (the rule
-    before session 5) gave ∂k 8.8e-3 here on the H200; the rule now shrinks its tolerance below r = 0.02."""
+    0 at r = 0.005, 3 at 0.01, 17 at 0.02, 24 at 0.05, 27 at 0.1 for N = 30): at every r the default holds the bf16
+    bounds, and its output error stays within 15 % (∂k within 30 %) of the schedule without fast steps. r = 0.005
+    with one fast step (the rule before session 5) gave ∂k 8.8e-3 here on the H200; the rule now shrinks its
+    tolerance below r = 0.02."""
     err = _errors(4, 196, 6, 64, torch.bfloat16, r=r)
     monkeypatch.setenv('GKA_TRITON_FAST_ITERS', '0')
     err0 = _errors(4, 196, 6, 64, torch.bfloat16, r=r)
