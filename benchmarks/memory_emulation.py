@@ -9,6 +9,7 @@ emulation read 808 MiB for DeiT-S and 1,011 / 1,131 MiB for gka_small (64 / 256 
 MiB. Use it to find what is alive at the peak and to check a memory change before a GPU run confirms it.
 
     python benchmarks/memory_emulation.py --models gka_small deit_small_patch16_224 --size 1024 --batch 16 --top 12
+    python benchmarks/memory_emulation.py --models gka_small --size 512 --batch 8 --mode train --group 12
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, 'tests'))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from live_bytes import LiveBytes  # noqa: E402
+from live_bytes import LiveBytes, grouped  # noqa: E402
 from provenance import provenance  # noqa: E402
 
 
@@ -69,6 +70,8 @@ def main(argv=None):
     p.add_argument('--batch', type=int, default=16)
     p.add_argument('--mode', choices=['infer', 'train'], default='infer')
     p.add_argument('--top', type=int, default=0, help='list the largest tensors alive at the peak')
+    p.add_argument('--group', type=int, default=0,
+                   help='list the largest groups of same-shaped tensors alive at the peak (op, shape, dtype)')
     p.add_argument('--out', default=None, help='write the rows as JSON here')
     args = p.parse_args(argv)
     if os.environ.get('TRITON_INTERPRET') != '1':
@@ -86,6 +89,10 @@ def main(argv=None):
         print(f"{name:28s} {args.mode} {args.size} px, batch {args.batch}: {row['peak_mib']:8.1f} MiB", flush=True)
         for t in row['at_peak']:
             print(f"    {t['mib']:7.1f} MiB  {t['op']}  {t['shape']}  {t['dtype']}")
+        if args.group:
+            row['groups'] = grouped(lb.at_peak)[:args.group]
+            for grp in row['groups']:
+                print(f"    {grp['mib']:7.1f} MiB  {grp['count']:3d} x  {grp['op']}  {grp['shape']}  {grp['dtype']}")
     if args.out:
         with open(args.out, 'w') as fh:
             json.dump(dict(provenance=provenance(), rows=rows), fh, indent=1)

@@ -56,3 +56,16 @@ class LiveBytes(TorchDispatchMode):
         for t in tree_flatten(out)[0]:
             self._track(t)
         return out
+
+
+def grouped(at_peak) -> list:
+    """``LiveBytes.at_peak`` summed per (op, shape, dtype), largest total first: e.g. a tensor every block saves
+    shows up as one group of depth tensors."""
+    groups = {}
+    for nbytes, (op, shape, dtype) in at_peak:
+        grp = groups.setdefault((op, shape, dtype), [0, 0])
+        grp[0] += nbytes
+        grp[1] += 1
+    rows = [dict(mib=round(n / 2 ** 20, 1), count=c, op=op, shape=list(shape), dtype=dtype)
+            for (op, shape, dtype), (n, c) in groups.items()]
+    return sorted(rows, key=lambda r: r['mib'], reverse=True)

@@ -56,3 +56,12 @@ def test_training_peak_holds_what_the_backward_needs(tmp_path):
     # most the one being recomputed is alive
     conv_out = [t for t in train['at_peak'] if t['op'] == 'aten.convolution.default' and t['shape'][1] == 3 * H * D]
     assert len(conv_out) <= 1, conv_out
+
+
+def test_grouping_sums_same_shaped_tensors():
+    from live_bytes import grouped
+    mib = 2 ** 20
+    at_peak = [(3 * mib, ('aten.mm', (4, 8), 'bf16')), (2 * mib, ('aten.mm', (4, 8), 'bf16')),
+               (4 * mib, ('aten.add', (2,), 'fp32'))]
+    rows = grouped(at_peak)
+    assert [(r['op'], r['count'], r['mib']) for r in rows] == [('aten.mm', 2, 5.0), ('aten.add', 1, 4.0)]
