@@ -80,10 +80,11 @@ def main(argv=None):
             res = compile_counts(_chunk_states_kernel, const, 4)
             print(f'state pass     D={args.dim} C={args.chunk} PAIR={pair} warps=4: {res}')
     if args.kernel in ('bwd', 'both'):
-        const = dict(common, DV=args.dim, C=16)
         warps = args.warps or _num_warps(args.dim, 16)
-        res = compile_counts(_bwd_chunk_kernel, const, warps)
-        print(f'fused backward D={args.dim} C=16 MODE={args.mode} FAST={args.fast} warps={warps}: {res}')
+        for phase in (0, 1, 2):   # 0: the fused kernel; 1 / 2: its halves around a separate solve (BWD=split)
+            const = dict(common, DV=args.dim, C=16, PHASE=phase)
+            res = compile_counts(_bwd_chunk_kernel, const, warps, fp32_ptrs=('x_ptr',))
+            print(f'backward PHASE={phase} D={args.dim} C=16 MODE={args.mode} FAST={args.fast} warps={warps}: {res}')
 
 
 if __name__ == '__main__':

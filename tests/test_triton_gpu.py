@@ -133,14 +133,15 @@ def test_fast_steps_follow_the_ridge_ratio(r, monkeypatch):
 
 @pytest.mark.parametrize('D', [64, 128])
 def test_backward_paths_agree_bf16(D):
-    """The fused backward kernels and the hybrid path (Triton solve + torch per-chunk algebra) against the float64
-    torch backend: each default path is the other's cross-check on this Triton version."""
+    """The fused backward kernels, the hybrid path (Triton solve + torch per-chunk algebra) and the split one (the
+    fused kernel's halves around a separate adjoint-solve launch) against the float64 torch backend: each default
+    path is the other's cross-check on this Triton version."""
     B, T, H = 2, 300, 2
     ins = make_inputs(B, T, H, D, torch.bfloat16, device=DEV)
     do = torch.randn(B, T, H, D, device=DEV, dtype=torch.float64)
     x64 = [t.double().requires_grad_() for t in ins]
     (gk.gka_chunk(*x64, backend='torch') * do).sum().backward()
-    for mode in ('fused', 'hybrid'):
+    for mode in ('fused', 'hybrid', 'split'):
         os.environ['GKA_TRITON_BWD'] = mode
         try:
             xs = [t.detach().requires_grad_() for t in ins]

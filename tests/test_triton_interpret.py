@@ -157,6 +157,33 @@ def test_hybrid_backward_matches_fused():
 
 
 @cases
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float16], ids=['fp32', 'fp16'])
+def test_split_backward_matches_fused(dtype, monkeypatch):
+    """GKA_TRITON_BWD=split (the fused backward kernel in two halves around an adjoint solve launched at the
+    forward's chunk size) gives the fused backward's gradients, with an initial state, final-state gradients and a
+    ragged tail; and it does launch the separate solve."""
+    import gka_kernels.triton.backward as bw
+    ins = make_inputs(2, 150, 2, 32, torch.float64)
+    st = _states(2, 2, 32, 32, torch.float64)
+    do = torch.randn(2, 150, 2, 32, dtype=torch.float64)
+    dst = _states(2, 2, 32, 32, torch.float64)
+    fused = _run('triton', ins, dtype, 10, 64, st, do, dst)
+    calls = []
+    solve = bw.chunk_adjoint_solve
+    monkeypatch.setattr(bw, 'chunk_adjoint_solve', lambda *a, **kw: calls.append(a[-2]) or solve(*a, **kw))
+    monkeypatch.setenv('GKA_TRITON_BWD', 'split')
+    split = _run('triton', ins, dtype, 10, 64, st, do, dst)
+    assert calls == [64]   # one adjoint-solve launch, at the forward's chunk size
+    # measured: ≤ 2e-6 (fp32) and ≤ 1.4e-5 (fp16) apart, both paths 1e-6 / 5e-4 from the float64 torch backend
+    tol = 1e-5 if dtype == torch.float32 else 1e-4
+    for name, ref in fused.items():
+        assert rel_rmse(split[name], ref) < tol, (name, rel_rmse(split[name], ref))
+    monkeypatch.setenv('GKA_TRITON_BWD', 'fast')
+    with pytest.raises(ValueError, match='GKA_TRITON_BWD'):
+        _run('triton', ins, dtype, 10, 64, st, do, dst)
+
+
+@cases
 def test_iteration_schedule_knobs():
     """Single-pass tf32 leading steps (FAST_DOT=lowp), the chained accumulators and the transposed solve are the same
     math as the default (the interpreter computes tf32 dots in fp32, so only the GPU measures their rounding:

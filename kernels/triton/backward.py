@@ -3,7 +3,9 @@
 ``chunk_backward`` (``GKA_TRITON_BWD=fused``, the default at D ≤ 64): state passes (entry states recomputed,
 the reverse KV-gradient pass), one fused per-chunk kernel (readout gradient + adjoint solve on chip +
 chunk-local Gram terms), the reverse scan of the Gram-gradient increments, and one kernel for the terms carried
-in from later chunks.
+in from later chunks. ``GKA_TRITON_BWD=split`` (opt-in, not yet timed on a GPU) runs the fused kernel in two
+halves around an adjoint-solve launch at the forward's chunk size: at C = 16 the in-kernel solve cannot use wgmma
+(KERNEL_NOTES.md, "where a kernel can still gain").
 
 ``chunk_backward_hybrid`` (``GKA_TRITON_BWD=hybrid``, the default at D = 128): Triton state passes and adjoint
 solve, and the per-chunk algebra as batched torch matmuls shared with the torch backend. At D = 128 the fused
@@ -71,12 +73,15 @@ def chunk_backward(q, k, v, g, alpha, h0, u0, x, f, do, dHT, dUT, num_iter, r, s
 
     x, f: the forward's solve outputs [B, T, H, D] and norms [B, T, H] (fp32), None when num_iter = 0.
     do, dHT, dUT: upstream gradients of o and the final states (each may be None)."""
-    mode = os.environ.get('GKA_TRITON_BWD') or ('fused' if q.shape[-1] <= 64 else 'hybrid')
-    if mode == 'hybrid':
+    path = os.environ.get('GKA_TRITON_BWD') or ('fused' if q.shape[-1] <= 64 else 'hybrid')
+    if path not in ('fused', 'hybrid', 'split'):
+        raise ValueError(f'GKA_TRITON_BWD must be fused, hybrid or split, got {path!r}')
+    if path == 'hybrid':
         return chunk_backward_hybrid(q, k, v, g, alpha, h0, u0, x, f, do, dHT, dUT, num_iter, r, scale, C, dot)
     B, T, H, D = q.shape
     DV = v.shape[-1]
     f32 = torch.float32
+    C_solve = C
     C = backward_chunk_size(C)
     q, k, v, alpha = q.contiguous(), k.contiguous(), v.contiguous(), alpha.contiguous()
     rc = _recompute(q, k, v, g, alpha, h0, u0, x, do, dHT, dUT, num_iter, scale, C)
@@ -91,13 +96,27 @@ def chunk_backward(q, k, v, g, alpha, h0, u0, x, f, do, dHT, dUT, num_iter, r, s
     dal = torch.empty(B, T, H, device=q.device, dtype=f32) if solve else torch.zeros(B, T, H, device=q.device)
     inc = torch.empty_like(H0s) if solve else None
     mode = dot_mode(dot, q.dtype, r)
-    _bwd_chunk_kernel[(B * H, NC)](
-        q, k, v, g, alpha, x if solve else q, f if solve else g, do, H0s, U0s, RU,
-        _omegas(num_iter, r, q.device), dq, dk, dv, dgam, dal, inc if solve else H0s,
-        T, H, NC, float(r), float(scale), F_MIN,
-        D=D, DV=DV, C=C, N=num_iter, MODE=mode, **solve_schedule(mode, num_iter, r),
-        ACC=acc, num_warps=_num_warps(D, C),
-    )
+
+    def chunk_kernel(phase, dqt=dk, ua=dk):   # dk stands in for the scratch pointers a phase does not use
+        _bwd_chunk_kernel[(B * H, NC)](
+            q, k, v, g, alpha, x if solve else q, f if solve else g, do, H0s, U0s, RU,
+            _omegas(num_iter, r, q.device), dq, dk, dv, dgam, dal, inc if solve else H0s, dqt, ua,
+            T, H, NC, float(r), float(scale), F_MIN,
+            D=D, DV=DV, C=C, N=num_iter, MODE=mode, **solve_schedule(mode, num_iter, r),
+            ACC=acc, PHASE=phase, num_warps=_num_warps(D, C),
+        )
+
+    if path == 'split' and solve and C_solve > C and C_solve % C == 0:
+        # the adjoint solve as its own launch at the forward's chunk size (wgmma tiles), between the readout part
+        # and the Gram part of the fused kernel; its entry states are every (C_solve / C)-th of the C-token ones
+        dqt = torch.empty(B, T, H, D, device=q.device, dtype=f32)
+        chunk_kernel(1, dqt=dqt)
+        ua = chunk_adjoint_solve(alpha.to(f32)[..., None] * dqt, k, g, f, H0s[:, ::C_solve // C].contiguous(),
+                                 num_iter, r, C_solve, dot)
+        chunk_kernel(2, dqt=dqt, ua=ua)
+        del dqt, ua
+    else:
+        chunk_kernel(0)
     dH_init = None
     if solve or dHT is not None:
         if inc is None:

@@ -5,6 +5,11 @@
 implicit gradient through the Gram (rank-1 terms, λ-path, ⟨Ḡ, H⟩) plus the chunk's own increment of the gradient
 w.r.t. its entry Gram. ``_bwd_inter_kernel`` adds the part carried in from later chunks once the reverse scan of
 those increments is known. All [B, T, H, ·] tensors are contiguous.
+
+PHASE 0 is all of it in one launch. PHASE 1 and 2 split it around an adjoint solve launched separately at the
+forward's chunk size (``GKA_TRITON_BWD=split``): at C = 16 the solve's tiles are too small for wgmma. PHASE 1 runs
+the readout gradient and stores ∂q̃ (fp32) with the partial ∂k and ∂Γ; PHASE 2 reads ∂q̃, u and those partials
+back and adds the Gram terms.
 """
 from __future__ import annotations
 
@@ -18,10 +23,11 @@ from .solve import _cheb_solve
 @triton.jit
 def _bwd_chunk_kernel(
         q_ptr, k_ptr, v_ptr, g_ptr, al_ptr, x_ptr, f_ptr, do_ptr, h0_ptr, u0_ptr, ru_ptr, om_ptr,
-        dq_ptr, dk_ptr, dv_ptr, dgam_ptr, dal_ptr, inc_ptr,
+        dq_ptr, dk_ptr, dv_ptr, dgam_ptr, dal_ptr, inc_ptr, dqt_ptr, ua_ptr,
         T, H, NC, r, scale, f_min,
         D: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, N: tl.constexpr, MODE: tl.constexpr,
         FAST: tl.constexpr, FAST_MODE: tl.constexpr, ILP: tl.constexpr, TRANS: tl.constexpr, ACC: tl.constexpr,
+        PHASE: tl.constexpr = 0,
 ):
     bh = tl.program_id(0).to(tl.int64)   # b·h on the axis without the 65,535 limit
     ic = tl.program_id(1)
@@ -47,31 +53,45 @@ def _bwd_chunk_kernel(
 
     K = tl.load(k_ptr + pk, mask=m2, other=0.0).to(tl.float32)
     Kt = tl.trans(K)
-    V = tl.load(v_ptr + pv, mask=m2, other=0.0).to(tl.float32)
-    dO = tl.load(do_ptr + pv, mask=m2, other=0.0).to(tl.float32)
-    A = _xdot(dO, tl.trans(V), True, True, ACC) * M          # A[τ,σ] = M[τ,σ] (do_τ·v_σ)
-    U0 = tl.load(u0_ptr + (bh * NC + ic) * D * DV + rd[:, None] * DV + rv[None, :])
-    dqt = scale * (e[:, None] * _xdot(dO, tl.trans(U0), True, False, ACC) + _xdot(A, K, False, True, ACC))
-    Q = tl.load(q_ptr + pk, mask=m2, other=0.0).to(tl.float32)
-    if N > 0:
+    if PHASE == 2:
+        # the readout part ran in PHASE 1: its ∂q̃ and partial ∂k, ∂Γ, and the separately solved u
+        dqt = tl.load(dqt_ptr + pk, mask=m2, other=0.0)
         X = tl.load(x_ptr + pk, mask=m2, other=0.0)
         al = tl.load(al_ptr + row, mask=tm, other=0.0).to(tl.float32)
-        Qt = Q + al[:, None] * (X - Q)
-        tl.store(dal_ptr + row, tl.sum(dqt * (X - Q), 1), mask=tm)
+        dk = tl.load(dk_ptr + pk, mask=m2, other=0.0)
+        dgam = tl.load(dgam_ptr + row, mask=tm, other=0.0)
     else:
-        Qt = Q
-    RU = tl.load(ru_ptr + (bh * NC + ic) * D * DV + rd[:, None] * DV + rv[None, :])
-    dk = scale * _xdot(tl.trans(A), Qt, False, N == 0, ACC) + bdec[:, None] * _xdot(V, tl.trans(RU), True, False, ACC)
-    Bm = _xdot(Qt, Kt, N == 0, True, ACC) * M                 # B[τ,σ] = M[τ,σ] (q̃_τ·k_σ)
-    dv = scale * _xdot(tl.trans(Bm), dO, False, True, ACC) + bdec[:, None] * _xdot(K, RU, True, False, ACC)
-    tl.store(dv_ptr + pv, dv.to(dv_ptr.dtype.element_ty), mask=m2)
-    dgam = tl.sum(Qt * dqt, 1) - tl.sum(K * dk, 1)
+        V = tl.load(v_ptr + pv, mask=m2, other=0.0).to(tl.float32)
+        dO = tl.load(do_ptr + pv, mask=m2, other=0.0).to(tl.float32)
+        A = _xdot(dO, tl.trans(V), True, True, ACC) * M          # A[τ,σ] = M[τ,σ] (do_τ·v_σ)
+        U0 = tl.load(u0_ptr + (bh * NC + ic) * D * DV + rd[:, None] * DV + rv[None, :])
+        dqt = scale * (e[:, None] * _xdot(dO, tl.trans(U0), True, False, ACC) + _xdot(A, K, False, True, ACC))
+        Q = tl.load(q_ptr + pk, mask=m2, other=0.0).to(tl.float32)
+        if N > 0:
+            X = tl.load(x_ptr + pk, mask=m2, other=0.0)
+            al = tl.load(al_ptr + row, mask=tm, other=0.0).to(tl.float32)
+            Qt = Q + al[:, None] * (X - Q)
+            tl.store(dal_ptr + row, tl.sum(dqt * (X - Q), 1), mask=tm)
+        else:
+            Qt = Q
+        RU = tl.load(ru_ptr + (bh * NC + ic) * D * DV + rd[:, None] * DV + rv[None, :])
+        dk = scale * _xdot(tl.trans(A), Qt, False, N == 0, ACC) \
+            + bdec[:, None] * _xdot(V, tl.trans(RU), True, False, ACC)
+        Bm = _xdot(Qt, Kt, N == 0, True, ACC) * M                 # B[τ,σ] = M[τ,σ] (q̃_τ·k_σ)
+        dv = scale * _xdot(tl.trans(Bm), dO, False, True, ACC) + bdec[:, None] * _xdot(K, RU, True, False, ACC)
+        tl.store(dv_ptr + pv, dv.to(dv_ptr.dtype.element_ty), mask=m2)
+        dgam = tl.sum(Qt * dqt, 1) - tl.sum(K * dk, 1)
 
-    if N > 0:
+    if PHASE == 1:
+        tl.store(dqt_ptr + pk, dqt, mask=m2)
+    elif N > 0:
         H0 = tl.load(h0_ptr + (bh * NC + ic) * D * D + rd[:, None] * D + rd[None, :])
         f = tl.maximum(tl.load(f_ptr + row, mask=tm, other=f_min), f_min)
-        Ua = _cheb_solve(al[:, None] * dqt, K, Kt, H0, M, e, f, r, om_ptr, C, D, N, MODE, FAST, FAST_MODE, ILP,
-                         TRANS)
+        if PHASE == 2:
+            Ua = tl.load(ua_ptr + pk, mask=m2, other=0.0)
+        else:
+            Ua = _cheb_solve(al[:, None] * dqt, K, Kt, H0, M, e, f, r, om_ptr, C, D, N, MODE, FAST, FAST_MODE, ILP,
+                             TRANS)
         tl.store(dq_ptr + pk, ((1.0 - al[:, None]) * dqt + Ua).to(dq_ptr.dtype.element_ty), mask=m2)
         # Gram part of the implicit gradient: Ḡ_τ = −u_τx_τᵀ − c_τH_τ, c_τ = r(u_τ·x_τ)/f_τ (λ-path)
         c = tl.where(f > f_min, r * tl.sum(Ua * X, 1) / f, 0.0)
