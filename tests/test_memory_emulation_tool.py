@@ -12,15 +12,21 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_emulated_peak_holds_a_block_of_streams(tmp_path):
+def _emulate(tmp_path, *args: str) -> dict:
+    """The JSON row of one memory_emulation.py run on gka_tiny, batch 2 (in a subprocess: the tool fixes the
+    interpreter mode and the backend before importing anything)."""
     pytest.importorskip('triton', reason='the emulation runs the Triton code path in the interpreter')
-    out = tmp_path / 'mem.json'
+    out = tmp_path / f'mem{len(list(tmp_path.iterdir()))}.json'
     env = dict(os.environ, TRITON_INTERPRET='1')
     env.pop('GKA_BACKEND', None)
     subprocess.run([sys.executable, os.path.join(ROOT, 'benchmarks', 'memory_emulation.py'), '--models', 'gka_tiny',
-                    '--size', '64', '--batch', '2', '--top', '4', '--out', str(out)], check=True, env=env, cwd=ROOT,
-                   timeout=600, capture_output=True)
-    row = json.loads(out.read_text())['rows'][0]
+                    '--batch', '2', *args, '--out', str(out)], check=True, env=env, cwd=ROOT, timeout=600,
+                   capture_output=True)
+    return json.loads(out.read_text())['rows'][0]
+
+
+def test_emulated_peak_holds_a_block_of_streams(tmp_path):
+    row = _emulate(tmp_path, '--size', '64', '--top', '4')
     # at least q, k, v and the output of both directions (bf16, [2·2, 16, 3, 64]) and the fp32 residual stream
     # ([2, 4, 4, 192]); the GKA kernel's own tensors show up by name
     B, L, n, H, D, d = 2, 16, 2, 3, 64, 192
@@ -32,16 +38,7 @@ def test_emulated_peak_holds_a_block_of_streams(tmp_path):
 def test_training_peak_holds_what_the_backward_needs(tmp_path):
     """--mode train: at the peak of a training step (forward and backward) every block still holds its saved q, k, v
     of both directions and the solve's fp32 iterate, so the peak is well above the inference peak."""
-    pytest.importorskip('triton', reason='the emulation runs the Triton code path in the interpreter')
-    env = dict(os.environ, TRITON_INTERPRET='1')
-    env.pop('GKA_BACKEND', None)
-    peaks = {}
-    for mode in ('infer', 'train'):
-        out = tmp_path / f'{mode}.json'
-        subprocess.run([sys.executable, os.path.join(ROOT, 'benchmarks', 'memory_emulation.py'), '--models',
-                        'gka_tiny', '--size', '224', '--batch', '2', '--mode', mode, '--top', '2000', '--out',
-                        str(out)], check=True, env=env, cwd=ROOT, timeout=600, capture_output=True)
-        peaks[mode] = json.loads(out.read_text())['rows'][0]
+    peaks = {mode: _emulate(tmp_path, '--size', '224', '--mode', mode, '--top', '2000') for mode in ('infer', 'train')}
     train = peaks['train']
     B, L, n, H, D, depth = 2, 196, 2, 3, 64, 12
     qkv = 3 * (B * n * L * H * D * 2)     # bf16, both directions

@@ -158,12 +158,10 @@ class GKAMixer(nn.Module):
         # backward rather than saving it. Otherwise raw = [B, Hg, Wg, 3·H·D] before the SiLU, and the projection is
         # not kept (without autograd it is freed here, 3·H·D per token off the inference peak).
         recompute_conv = fused and torch.is_grad_enabled()
+        act_dtype = y.dtype   # the conv's output dtype too, under autocast or not
         if not recompute_conv:
             raw = self.conv(y).permute(0, 2, 3, 1)
             del y
-            act_dtype = raw.dtype
-        else:
-            act_dtype = y.dtype   # the conv's output dtype: the projection's, under autocast or not
 
         gates = self.gate_proj(x).reshape(B, L, n, 3, H)
         if idx.identity:

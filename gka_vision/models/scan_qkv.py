@@ -197,13 +197,21 @@ def scan_qkv(raw: torch.Tensor, perm: Optional[torch.Tensor], inv: Optional[torc
 
     perm / inv: [n, L] scan step → row-major token and back (None for the row-major identity); beta: [B·n, L, H]
     in scan order."""
-    if not raw.is_contiguous() or not beta.is_contiguous():
+    if not raw.is_contiguous():
         raise ValueError('scan_qkv takes contiguous raw and beta')
     B, L, C3 = raw.shape
-    if C3 % (3 * head_dim) or beta.shape != (B * ndir, L, C3 // 3 // head_dim):
-        raise ValueError(f'scan_qkv: raw {list(raw.shape)} and beta {list(beta.shape)} do not match n = {ndir}, '
-                         f'head_dim = {head_dim}')
+    _check_beta('scan_qkv', 'raw', raw, beta, B, L, C3, ndir, head_dim)
     return _ScanQKV.apply(raw, perm, inv, beta, ndir, head_dim, eps)
+
+
+def _check_beta(fn: str, name: str, t: torch.Tensor, beta: torch.Tensor, B: int, L: int, C3: int, ndir: int,
+                head_dim: int) -> None:
+    """beta must be contiguous [B·n, L, H] for the B·L tokens of 3·H·D channels the glue reads from ``t``."""
+    if not beta.is_contiguous():
+        raise ValueError(f'{fn} takes contiguous {name} and beta')
+    if C3 % (3 * head_dim) or beta.shape != (B * ndir, L, C3 // 3 // head_dim):
+        raise ValueError(f'{fn}: {name} {list(t.shape)} and beta {list(beta.shape)} do not match n = {ndir}, '
+                         f'head_dim = {head_dim}')
 
 
 @torch.compiler.disable
@@ -217,7 +225,5 @@ def conv_scan_qkv(y: torch.Tensor, conv: torch.nn.Conv2d, perm: Optional[torch.T
     if conv.bias is not None or conv.groups != C3 or conv.stride != (1, 1) or conv.dilation != (1, 1) \
             or conv.padding != (conv.kernel_size[0] // 2, conv.kernel_size[1] // 2):
         raise ValueError('conv_scan_qkv takes a same-size depthwise conv without bias')
-    if not beta.is_contiguous() or beta.shape != (y.shape[0] * ndir, y.shape[2] * y.shape[3], C3 // 3 // head_dim):
-        raise ValueError(f'conv_scan_qkv: y {list(y.shape)} and beta {list(beta.shape)} do not match n = {ndir}, '
-                         f'head_dim = {head_dim}')
+    _check_beta('conv_scan_qkv', 'y', y, beta, y.shape[0], y.shape[2] * y.shape[3], C3, ndir, head_dim)
     return _ConvScanQKV.apply(y, conv.weight, perm, inv, beta, ndir, head_dim, eps, conv.padding[0])
