@@ -81,10 +81,10 @@ def main(argv=None):
             print(f'state pass     D={args.dim} C={args.chunk} PAIR={pair} warps=4: {res}')
     if args.kernel in ('bwd', 'both'):
         warps = args.warps or _num_warps(args.dim, 16)
-        for phase in (0, 1, 2):   # 0: the fused kernel; 1 / 2: its halves around a separate solve (BWD=split)
-            const = dict(common, DV=args.dim, C=16, PHASE=phase)
+        for sr in (1, 2, 4):   # sub-chunks per recomputed state chunk (config.backward_state_chunk): 16, 32, 64
+            const = dict(common, DV=args.dim, C=16, SR=sr)
             res = compile_counts(_bwd_chunk_kernel, const, warps, fp32_ptrs=('x_ptr',))
-            print(f'backward PHASE={phase} D={args.dim} C=16 MODE={args.mode} FAST={args.fast} warps={warps}: {res}')
+            print(f'backward SR={sr} D={args.dim} C=16 MODE={args.mode} FAST={args.fast} warps={warps}: {res}')
 
 
 if __name__ == '__main__':

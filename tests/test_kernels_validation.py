@@ -130,7 +130,7 @@ def test_triton_tuning_knobs(monkeypatch):
     """The Triton backend's benchmark knobs: defaults per dtype and a clear error for a bad value (host-side code,
     importable without a GPU)."""
     pytest.importorskip('triton', reason='the knobs belong to the Triton backend, which needs triton installed')
-    from gka_kernels.triton.config import backward_chunk_size, pick_chunk_size
+    from gka_kernels.triton.config import backward_chunk_size, backward_state_chunk, pick_chunk_size, solve_dot_mode
     from gka_kernels.triton.solve import acc_precision, solve_schedule
     assert acc_precision(torch.bfloat16) == 'bf16x3'
     assert acc_precision(torch.float16) == 'tf32x3'
@@ -141,6 +141,11 @@ def test_triton_tuning_knobs(monkeypatch):
     with pytest.raises(ValueError, match='GKA_TRITON_ACC'):
         acc_precision(torch.bfloat16)
     assert backward_chunk_size(32) == 16 and backward_chunk_size(16) == 16
+    assert backward_state_chunk(64) == 32 and backward_state_chunk(32) == 32 and backward_state_chunk(16) == 16
+    # h16x2 only where it was timed faster: bf16 at D = 64
+    assert solve_dot_mode(torch.bfloat16, 64) == 'h16x2'
+    assert solve_dot_mode(torch.bfloat16, 128) == solve_dot_mode(torch.bfloat16, 32) == 'bf16x3'
+    assert solve_dot_mode(torch.float16, 64) == 'bf16x3' and solve_dot_mode(torch.float32, 64) == 'ieee'
     # 64-token chunks only where they were measured faster: bf16, D = 64, longer than one 32-token chunk
     assert pick_chunk_size(None, 64, 196, torch.bfloat16) == 64
     assert pick_chunk_size(None, 64, 32, torch.bfloat16) == 32
@@ -153,6 +158,13 @@ def test_triton_tuning_knobs(monkeypatch):
     monkeypatch.setenv('GKA_TRITON_BWD_CHUNK', '48')
     with pytest.raises(GKAInputError, match='GKA_TRITON_BWD_CHUNK'):
         backward_chunk_size(32)
+    monkeypatch.setenv('GKA_TRITON_BWD_STATE_CHUNK', '16')
+    assert backward_state_chunk(64) == 16
+    monkeypatch.setenv('GKA_TRITON_BWD_STATE_CHUNK', '128')
+    with pytest.raises(GKAInputError, match='GKA_TRITON_BWD_STATE_CHUNK'):
+        backward_state_chunk(64)
+    monkeypatch.setenv('GKA_TRITON_DOT', 'bf16x3')
+    assert solve_dot_mode(torch.bfloat16, 64) == 'bf16x3'
     monkeypatch.setenv('GKA_TRITON_CHUNK', '8')
     with pytest.raises(GKAInputError, match='GKA_TRITON_CHUNK'):
         pick_chunk_size(None, 64)

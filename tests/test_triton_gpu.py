@@ -94,14 +94,15 @@ def test_initial_state_and_ragged_tail_bf16():
 
 
 @pytest.mark.parametrize('env', [{'GKA_TRITON_TAIL': '0', 'GKA_TRITON_FAST_ITERS': '0'}, {'GKA_TRITON_DOT': 'h16x2'},
+                                 {'GKA_TRITON_DOT': 'bf16x3'},
                                  {'GKA_TRITON_FAST_DOT': 'lowp', 'GKA_TRITON_FAST_ITERS': '10'},
                                  {'GKA_TRITON_STATE_PAIR': '0'}],
-                         ids=['padded-no-fast', 'h16x2', 'bf16-fast10', 'two-state-launches'])
+                         ids=['padded-no-fast', 'h16x2', 'bf16x3', 'bf16-fast10', 'two-state-launches'])
 @pytest.mark.parametrize('shape', [(4, 196, 6, 64), (1, 2048, 4, 128)], ids=['vision', 'lm'])
 def test_other_schedules_vs_float64_oracle(shape, env, monkeypatch):
     """The schedules a benchmark can switch to hold the bf16 bounds too (KERNEL_NOTES.md v8-v10): the padded last
     chunk without fast steps (the default before v10), h16x2's fp16 H⁰ products (forward and both adjoint solves)
-    with its fp16 leading steps, single-pass bf16 leading steps, and the Gram and KV state passes as two launches
+    with its fp16 leading steps (the default at D = 64 since v16), the bf16 split H⁰ products (the default before), single-pass bf16 leading steps, and the Gram and KV state passes as two launches
     (the default before v11; Triton 3.6 on Hopper has miscompiled kernels the interpreter passes, so only this run
     proves a schedule)."""
     for key, val in env.items():
@@ -133,24 +134,25 @@ def test_fast_steps_follow_the_ridge_ratio(r, monkeypatch):
 
 @pytest.mark.parametrize('D', [64, 128])
 def test_backward_paths_agree_bf16(D):
-    """The fused backward kernels, the hybrid path (Triton solve + torch per-chunk algebra) and the split one (the
-    fused kernel's halves around a separate adjoint-solve launch) against the float64 torch backend: each default
-    path is the other's cross-check on this Triton version."""
+    """The fused backward kernels (with their states carried from the default coarse state chunk, and with one
+    recomputed state per 16-token chunk) and the hybrid path (Triton solve + torch per-chunk algebra) against the
+    float64 torch backend: each default path is the other's cross-check on this Triton version."""
     B, T, H = 2, 300, 2
     ins = make_inputs(B, T, H, D, torch.bfloat16, device=DEV)
     do = torch.randn(B, T, H, D, device=DEV, dtype=torch.float64)
     x64 = [t.double().requires_grad_() for t in ins]
     (gk.gka_chunk(*x64, backend='torch') * do).sum().backward()
-    for mode in ('fused', 'hybrid', 'split'):
-        os.environ['GKA_TRITON_BWD'] = mode
+    for mode, env in (('fused', {}), ('fused', {'GKA_TRITON_BWD_STATE_CHUNK': '16'}), ('hybrid', {})):
+        os.environ.update(env, GKA_TRITON_BWD=mode)
         try:
             xs = [t.detach().requires_grad_() for t in ins]
             (gk.gka_chunk(*xs, backend='triton').double() * do).sum().backward()
         finally:
-            del os.environ['GKA_TRITON_BWD']
+            for key in list(env) + ['GKA_TRITON_BWD']:
+                del os.environ[key]
         for name, a, b in zip(('q', 'k', 'v', 'g', 'alpha'), xs, x64):
             err = rel_rmse(a.grad, b.grad)
-            assert err < BOUNDS[torch.bfloat16][name], (mode, name, err)
+            assert err < BOUNDS[torch.bfloat16][name], (mode, env, name, err)
 
 
 def test_num_iter_zero_fp32():

@@ -1,11 +1,9 @@
 """Backward of the Triton backend: the implicit gradient of gka_spec.md §5.
 
-``chunk_backward`` (``GKA_TRITON_BWD=fused``, the default at D ≤ 64): state passes (entry states recomputed,
-the reverse KV-gradient pass), one fused per-chunk kernel (readout gradient + adjoint solve on chip +
-chunk-local Gram terms), the reverse scan of the Gram-gradient increments, and one kernel for the terms carried
-in from later chunks. ``GKA_TRITON_BWD=split`` (opt-in, not yet timed on a GPU) runs the fused kernel in two
-halves around an adjoint-solve launch at the forward's chunk size: at C = 16 the in-kernel solve cannot use wgmma
-(KERNEL_NOTES.md, "where a kernel can still gain").
+``chunk_backward`` (``GKA_TRITON_BWD=fused``, the default at D ≤ 64): state passes at a coarse state chunk (entry
+states recomputed, the reverse KV-gradient pass), one fused kernel per 16-token chunk (its boundary states carried
+from the coarse ones, readout gradient + adjoint solve on chip + chunk-local Gram terms), the reverse scan of the
+Gram-gradient increments, and one kernel for the terms carried in from later chunks.
 
 ``chunk_backward_hybrid`` (``GKA_TRITON_BWD=hybrid``, the default at D = 128): Triton state passes and adjoint
 solve, and the per-chunk algebra as batched torch matmuls shared with the torch backend. At D = 128 the fused
@@ -19,13 +17,14 @@ import os
 from typing import NamedTuple, Optional
 
 import torch
+import triton
 
 from ..chebyshev import F_MIN
 from ..torch_chunk.gram_backward import gram_backward_inter, gram_backward_intra
 from ..torch_chunk.layout import chunk_decay, from_chunks, to_chunks
 from ..torch_chunk.readout import readout_backward
 from .backward_kernels import _bwd_chunk_kernel, _bwd_inter_kernel
-from .config import backward_chunk_size
+from .config import backward_chunk_size, backward_state_chunk
 from .solve import _num_warps, _omegas, acc_precision, chunk_adjoint_solve, dot_mode, solve_schedule
 from .state_pass import chunk_states, gram_and_kv_states, scan_increments
 
@@ -74,19 +73,21 @@ def chunk_backward(q, k, v, g, alpha, h0, u0, x, f, do, dHT, dUT, num_iter, r, s
     x, f: the forward's solve outputs [B, T, H, D] and norms [B, T, H] (fp32), None when num_iter = 0.
     do, dHT, dUT: upstream gradients of o and the final states (each may be None)."""
     path = os.environ.get('GKA_TRITON_BWD') or ('fused' if q.shape[-1] <= 64 else 'hybrid')
-    if path not in ('fused', 'hybrid', 'split'):
-        raise ValueError(f'GKA_TRITON_BWD must be fused, hybrid or split, got {path!r}')
+    if path not in ('fused', 'hybrid'):
+        raise ValueError(f'GKA_TRITON_BWD must be fused or hybrid, got {path!r}')
     if path == 'hybrid':
         return chunk_backward_hybrid(q, k, v, g, alpha, h0, u0, x, f, do, dHT, dUT, num_iter, r, scale, C, dot)
     B, T, H, D = q.shape
     DV = v.shape[-1]
     f32 = torch.float32
-    C_solve = C
+    C_state = backward_state_chunk(C)
     C = backward_chunk_size(C)
+    C_state = max(C_state, C)
     q, k, v, alpha = q.contiguous(), k.contiguous(), v.contiguous(), alpha.contiguous()
-    rc = _recompute(q, k, v, g, alpha, h0, u0, x, do, dHT, dUT, num_iter, scale, C)
+    rc = _recompute(q, k, v, g, alpha, h0, u0, x, do, dHT, dUT, num_iter, scale, C_state)
     do, H0s, HT, U0s, UT, RU, dU_init, acc = rc.do, rc.H0s, rc.HT, rc.U0s, rc.UT, rc.RU, rc.dU_init, rc.acc
-    NC = H0s.shape[1]
+    NCS = H0s.shape[1]
+    NC = triton.cdiv(T, C)
     del rc
     solve = num_iter > 0
     dq = torch.empty_like(q)
@@ -94,33 +95,20 @@ def chunk_backward(q, k, v, g, alpha, h0, u0, x, f, do, dHT, dUT, num_iter, r, s
     dv = torch.empty_like(v)
     dgam = torch.empty(B, T, H, device=q.device, dtype=f32)
     dal = torch.empty(B, T, H, device=q.device, dtype=f32) if solve else torch.zeros(B, T, H, device=q.device)
-    inc = torch.empty_like(H0s) if solve else None
+    inc = torch.empty(B * H, NC, D, D, device=q.device, dtype=f32) if solve else None
     mode = dot_mode(dot, q.dtype, r)
-
-    def chunk_kernel(phase, dqt=dk, ua=dk):   # dk stands in for the scratch pointers a phase does not use
-        _bwd_chunk_kernel[(B * H, NC)](
-            q, k, v, g, alpha, x if solve else q, f if solve else g, do, H0s, U0s, RU,
-            _omegas(num_iter, r, q.device), dq, dk, dv, dgam, dal, inc if solve else H0s, dqt, ua,
-            T, H, NC, float(r), float(scale), F_MIN,
-            D=D, DV=DV, C=C, N=num_iter, MODE=mode, **solve_schedule(mode, num_iter, r),
-            ACC=acc, PHASE=phase, num_warps=_num_warps(D, C),
-        )
-
-    if path == 'split' and solve and C_solve > C and C_solve % C == 0:
-        # the adjoint solve as its own launch at the forward's chunk size (wgmma tiles), between the readout part
-        # and the Gram part of the fused kernel; its entry states are every (C_solve / C)-th of the C-token ones
-        dqt = torch.empty(B, T, H, D, device=q.device, dtype=f32)
-        chunk_kernel(1, dqt=dqt)
-        ua = chunk_adjoint_solve(alpha.to(f32)[..., None] * dqt, k, g, f, H0s[:, ::C_solve // C].contiguous(),
-                                 num_iter, r, C_solve, dot)
-        chunk_kernel(2, dqt=dqt, ua=ua)
-        del dqt, ua
-    else:
-        chunk_kernel(0)
+    _bwd_chunk_kernel[(B * H, NC)](
+        q, k, v, g, alpha, x if solve else q, f if solve else g, do, H0s, U0s, RU,
+        _omegas(num_iter, r, q.device), dq, dk, dv, dgam, dal, inc if solve else H0s,
+        T, H, NC, NCS, float(r), float(scale), F_MIN,
+        D=D, DV=DV, C=C, N=num_iter, MODE=mode, **solve_schedule(mode, num_iter, r),
+        ACC=acc, SR=C_state // C, num_warps=_num_warps(D, C),
+    )
+    del H0s, U0s, RU
     dH_init = None
     if solve or dHT is not None:
         if inc is None:
-            inc = torch.zeros_like(H0s)
+            inc = torch.zeros(B * H, NC, D, D, device=q.device, dtype=f32)
         last = torch.exp(torch.nn.functional.pad(g, (0, 0, 0, NC * C - T)).view(B, NC, C, H).sum(2))
         RH, dH_init = scan_increments(inc, last.permute(0, 2, 1).reshape(B * H, NC), dHT, reverse=True)
         _bwd_inter_kernel[(B * H, NC)](k, g, RH, dk, dgam, T, H, NC, D=D, C=C, ACC=acc, num_warps=4)

@@ -6,10 +6,11 @@ implicit gradient through the Gram (rank-1 terms, λ-path, ⟨Ḡ, H⟩) plus th
 w.r.t. its entry Gram. ``_bwd_inter_kernel`` adds the part carried in from later chunks once the reverse scan of
 those increments is known. All [B, T, H, ·] tensors are contiguous.
 
-PHASE 0 is all of it in one launch. PHASE 1 and 2 split it around an adjoint solve launched separately at the
-forward's chunk size (``GKA_TRITON_BWD=split``): at C = 16 the solve's tiles are too small for wgmma. PHASE 1 runs
-the readout gradient and stores ∂q̃ (fp32) with the partial ∂k and ∂Γ; PHASE 2 reads ∂q̃, u and those partials
-back and adds the Gram terms.
+The chunk-boundary states come from a pass at a coarser state chunk of SR sub-chunks (``config.backward_state_chunk``):
+each program carries the Gram and KV states forward from the start of its state chunk, and the readout's state
+gradient backward from its end, over at most SR − 1 neighbouring sub-chunks (``_advance``, ``_retreat``: the same
+recurrences as state_pass.py). That costs a few small products per program, against writing and reading three
+fp32 D×D states per 16 tokens (KERNEL_NOTES.md, v15).
 """
 from __future__ import annotations
 
@@ -21,13 +22,56 @@ from .solve import _cheb_solve
 
 
 @triton.jit
+def _advance(S, a_ptr, x_ptr, g_ptr, b, h, s_from, s_to, T, H,
+             DA: tl.constexpr, DX: tl.constexpr, C: tl.constexpr, ACC: tl.constexpr):
+    """S carried forward over sub-chunks [s_from, s_to): S ← last·S + Σ_σ exp(gc_last − gc_σ)·a_σ x_σᵀ."""
+    rc = tl.arange(0, C)
+    for s in range(s_from, s_to):
+        t = s * C + rc
+        tm = t < T
+        row = (b * T + t) * H + h
+        gl = tl.load(g_ptr + row, mask=tm, other=0.0)
+        glast = tl.sum(gl, 0)
+        w = tl.exp(glast - tl.cumsum(gl, 0))
+        A = tl.load(a_ptr + row[:, None] * DA + tl.arange(0, DA)[None, :], mask=tm[:, None], other=0.0)
+        X = tl.load(x_ptr + row[:, None] * DX + tl.arange(0, DX)[None, :], mask=tm[:, None], other=0.0)
+        S = tl.exp(glast) * S + _xdot(tl.trans(A.to(tl.float32) * w[:, None]), X.to(tl.float32), False, True, ACC)
+    return S
+
+
+@triton.jit
+def _retreat(R, q_ptr, x_ptr, al_ptr, do_ptr, g_ptr, b, h, s_lo, s_hi, T, H, scale,
+             D: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, N: tl.constexpr, ACC: tl.constexpr):
+    """The readout's state gradient R carried backward over sub-chunks s_hi − 1 down to s_lo:
+    R ← last·R + scale·Σ_τ exp(gc_τ)·q̃_τ do_τᵀ."""
+    rc = tl.arange(0, C)
+    rd = tl.arange(0, D)
+    for i in range(s_hi - s_lo):
+        t = (s_hi - 1 - i) * C + rc
+        tm = t < T
+        row = (b * T + t) * H + h
+        m2 = tm[:, None]
+        gl = tl.load(g_ptr + row, mask=tm, other=0.0)
+        w = scale * tl.exp(tl.cumsum(gl, 0))
+        Qt = tl.load(q_ptr + row[:, None] * D + rd[None, :], mask=m2, other=0.0).to(tl.float32)
+        if N > 0:
+            X = tl.load(x_ptr + row[:, None] * D + rd[None, :], mask=m2, other=0.0)
+            al = tl.load(al_ptr + row, mask=tm, other=0.0).to(tl.float32)
+            Qt = Qt + al[:, None] * (X - Qt)
+        dO = tl.load(do_ptr + row[:, None] * DV + tl.arange(0, DV)[None, :], mask=m2, other=0.0).to(tl.float32)
+        R = tl.exp(tl.sum(gl, 0)) * R + _xdot(tl.trans(Qt * w[:, None]), dO, False, True, ACC)
+    return R
+
+
+
+@triton.jit
 def _bwd_chunk_kernel(
         q_ptr, k_ptr, v_ptr, g_ptr, al_ptr, x_ptr, f_ptr, do_ptr, h0_ptr, u0_ptr, ru_ptr, om_ptr,
-        dq_ptr, dk_ptr, dv_ptr, dgam_ptr, dal_ptr, inc_ptr, dqt_ptr, ua_ptr,
-        T, H, NC, r, scale, f_min,
+        dq_ptr, dk_ptr, dv_ptr, dgam_ptr, dal_ptr, inc_ptr,
+        T, H, NC, NCS, r, scale, f_min,
         D: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, N: tl.constexpr, MODE: tl.constexpr,
         FAST: tl.constexpr, FAST_MODE: tl.constexpr, ILP: tl.constexpr, TRANS: tl.constexpr, ACC: tl.constexpr,
-        PHASE: tl.constexpr = 0,
+        SR: tl.constexpr,
 ):
     bh = tl.program_id(0).to(tl.int64)   # b·h on the axis without the 65,535 limit
     ic = tl.program_id(1)
@@ -53,45 +97,42 @@ def _bwd_chunk_kernel(
 
     K = tl.load(k_ptr + pk, mask=m2, other=0.0).to(tl.float32)
     Kt = tl.trans(K)
-    if PHASE == 2:
-        # the readout part ran in PHASE 1: its ∂q̃ and partial ∂k, ∂Γ, and the separately solved u
-        dqt = tl.load(dqt_ptr + pk, mask=m2, other=0.0)
+    js = ic // SR                                # the state chunk holding this chunk, and its sub-chunk range
+    s_first = js * SR
+    s_end = tl.minimum(s_first + SR, NC)
+    V = tl.load(v_ptr + pv, mask=m2, other=0.0).to(tl.float32)
+    dO = tl.load(do_ptr + pv, mask=m2, other=0.0).to(tl.float32)
+    A = _xdot(dO, tl.trans(V), True, True, ACC) * M          # A[τ,σ] = M[τ,σ] (do_τ·v_σ)
+    U0 = tl.load(u0_ptr + (bh * NCS + js) * D * DV + rd[:, None] * DV + rv[None, :])
+    if SR > 1:
+        U0 = _advance(U0, k_ptr, v_ptr, g_ptr, b, h, s_first, ic, T, H, D, DV, C, ACC)
+    dqt = scale * (e[:, None] * _xdot(dO, tl.trans(U0), True, False, ACC) + _xdot(A, K, False, True, ACC))
+    Q = tl.load(q_ptr + pk, mask=m2, other=0.0).to(tl.float32)
+    if N > 0:
         X = tl.load(x_ptr + pk, mask=m2, other=0.0)
         al = tl.load(al_ptr + row, mask=tm, other=0.0).to(tl.float32)
-        dk = tl.load(dk_ptr + pk, mask=m2, other=0.0)
-        dgam = tl.load(dgam_ptr + row, mask=tm, other=0.0)
+        Qt = Q + al[:, None] * (X - Q)
+        tl.store(dal_ptr + row, tl.sum(dqt * (X - Q), 1), mask=tm)
     else:
-        V = tl.load(v_ptr + pv, mask=m2, other=0.0).to(tl.float32)
-        dO = tl.load(do_ptr + pv, mask=m2, other=0.0).to(tl.float32)
-        A = _xdot(dO, tl.trans(V), True, True, ACC) * M          # A[τ,σ] = M[τ,σ] (do_τ·v_σ)
-        U0 = tl.load(u0_ptr + (bh * NC + ic) * D * DV + rd[:, None] * DV + rv[None, :])
-        dqt = scale * (e[:, None] * _xdot(dO, tl.trans(U0), True, False, ACC) + _xdot(A, K, False, True, ACC))
-        Q = tl.load(q_ptr + pk, mask=m2, other=0.0).to(tl.float32)
-        if N > 0:
-            X = tl.load(x_ptr + pk, mask=m2, other=0.0)
-            al = tl.load(al_ptr + row, mask=tm, other=0.0).to(tl.float32)
-            Qt = Q + al[:, None] * (X - Q)
-            tl.store(dal_ptr + row, tl.sum(dqt * (X - Q), 1), mask=tm)
-        else:
-            Qt = Q
-        RU = tl.load(ru_ptr + (bh * NC + ic) * D * DV + rd[:, None] * DV + rv[None, :])
-        dk = scale * _xdot(tl.trans(A), Qt, False, N == 0, ACC) \
-            + bdec[:, None] * _xdot(V, tl.trans(RU), True, False, ACC)
-        Bm = _xdot(Qt, Kt, N == 0, True, ACC) * M                 # B[τ,σ] = M[τ,σ] (q̃_τ·k_σ)
-        dv = scale * _xdot(tl.trans(Bm), dO, False, True, ACC) + bdec[:, None] * _xdot(K, RU, True, False, ACC)
-        tl.store(dv_ptr + pv, dv.to(dv_ptr.dtype.element_ty), mask=m2)
-        dgam = tl.sum(Qt * dqt, 1) - tl.sum(K * dk, 1)
+        Qt = Q
+    RU = tl.load(ru_ptr + (bh * NCS + js) * D * DV + rd[:, None] * DV + rv[None, :])
+    if SR > 1:
+        RU = _retreat(RU, q_ptr, x_ptr, al_ptr, do_ptr, g_ptr, b, h, ic + 1, s_end, T, H, scale, D, DV, C, N,
+                      ACC)
+    dk = scale * _xdot(tl.trans(A), Qt, False, N == 0, ACC) \
+        + bdec[:, None] * _xdot(V, tl.trans(RU), True, False, ACC)
+    Bm = _xdot(Qt, Kt, N == 0, True, ACC) * M                 # B[τ,σ] = M[τ,σ] (q̃_τ·k_σ)
+    dv = scale * _xdot(tl.trans(Bm), dO, False, True, ACC) + bdec[:, None] * _xdot(K, RU, True, False, ACC)
+    tl.store(dv_ptr + pv, dv.to(dv_ptr.dtype.element_ty), mask=m2)
+    dgam = tl.sum(Qt * dqt, 1) - tl.sum(K * dk, 1)
 
-    if PHASE == 1:
-        tl.store(dqt_ptr + pk, dqt, mask=m2)
-    elif N > 0:
-        H0 = tl.load(h0_ptr + (bh * NC + ic) * D * D + rd[:, None] * D + rd[None, :])
+    if N > 0:
+        H0 = tl.load(h0_ptr + (bh * NCS + js) * D * D + rd[:, None] * D + rd[None, :])
+        if SR > 1:
+            H0 = _advance(H0, k_ptr, k_ptr, g_ptr, b, h, s_first, ic, T, H, D, D, C, ACC)
         f = tl.maximum(tl.load(f_ptr + row, mask=tm, other=f_min), f_min)
-        if PHASE == 2:
-            Ua = tl.load(ua_ptr + pk, mask=m2, other=0.0)
-        else:
-            Ua = _cheb_solve(al[:, None] * dqt, K, Kt, H0, M, e, f, r, om_ptr, C, D, N, MODE, FAST, FAST_MODE, ILP,
-                             TRANS)
+        Ua = _cheb_solve(al[:, None] * dqt, K, Kt, H0, M, e, f, r, om_ptr, C, D, N, MODE, FAST, FAST_MODE, ILP,
+                         TRANS)
         tl.store(dq_ptr + pk, ((1.0 - al[:, None]) * dqt + Ua).to(dq_ptr.dtype.element_ty), mask=m2)
         # Gram part of the implicit gradient: Ḡ_τ = −u_τx_τᵀ − c_τH_τ, c_τ = r(u_τ·x_τ)/f_τ (λ-path)
         c = tl.where(f > f_min, r * tl.sum(Ua * X, 1) / f, 0.0)

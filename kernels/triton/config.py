@@ -11,6 +11,7 @@ from ..validation import GKAInputError
 
 __all__ = [
     'HEAD_DIMS', 'CHUNK_SIZES', 'check_triton_inputs', 'unsupported_reason', 'pick_chunk_size', 'backward_chunk_size',
+    'backward_state_chunk',
     'segment_length', 'forward_pieces', 'solve_dot_mode', 'F_MIN',
 ]
 
@@ -80,6 +81,16 @@ def backward_chunk_size(forward_chunk: int) -> int:
     return _env_chunk('GKA_TRITON_BWD_CHUNK') or min(forward_chunk, 16)
 
 
+def backward_state_chunk(forward_chunk: int) -> int:
+    """Chunk of the fused backward's recomputed states (at least its own chunk, ``backward_chunk_size``): each
+    16-token program carries the states over the sub-chunks between a state-chunk boundary and its own instead of
+    reading three fp32 D×D states recomputed per 16 tokens (KERNEL_NOTES.md, v15). 32 trades a little time for
+    memory; measured in one interleaved A/B on the H200 against 16 / 64: gka_small's training peak at 1024 px
+    10.43 GiB against 10.99 / 10.25 at the same step time (1.00× / 0.99×), at 224 px 8.14 against 8.57 / 7.98 GiB
+    at 1.013× / 0.988× the time of 16. ``GKA_TRITON_BWD_STATE_CHUNK`` overrides (16: a state per backward chunk)."""
+    return _env_chunk('GKA_TRITON_BWD_STATE_CHUNK') or min(forward_chunk, 32)
+
+
 def segment_length(B: int, H: int, D: int, DV: int, T: int, chunk: int) -> int:
     """Tokens per forward segment. The forward materialises the fp32 entry states of every chunk (D·(D + DV)
     floats per chunk and head: 4× the bytes of q, k, v together at D = 64, C = 32), so a long sequence runs in
@@ -126,7 +137,7 @@ def forward_pieces(T: int, segment: int, chunk: int):
     return pieces
 
 
-def solve_dot_mode(dtype: torch.dtype) -> str:
+def solve_dot_mode(dtype: torch.dtype, head_dim: int = 64) -> str:
     """Operand precision of the tensor-core dots inside the Chebyshev loop.
 
     The solve amplifies matvec rounding by up to κ ≤ 1 + 1/r = 51, so 16-bit or tf32 operands cost accuracy:
@@ -140,11 +151,15 @@ def solve_dot_mode(dtype: torch.dtype) -> str:
     'tf32x3': three tf32 dots per product (fp32-like accuracy).
     'tf32': fp32 operands rounded to tf32 (10-bit mantissa).
     'lowp': operands cast to the input's 16-bit dtype (the reference kernels' choice), fp32 accumulation.
-    'h16x2': 'bf16x3' with the H⁰ product as two fp16 MMAs on rescaled rows (solve.dot_mode; opt-in until timed).
+    'h16x2': 'bf16x3' with the H⁰ product as two fp16 MMAs on rescaled rows (solve.dot_mode). The default for bf16
+        inputs at D = 64: in one interleaved A/B on the H200 (benchmarks/ab.py, session 6) its forward took 0.93-0.95×
+        the time of 'bf16x3' at B256 T196 and B16 T4096 and gka_small's inference 0.95-0.96× (training 0.995-0.999×);
+        at D = 128 it was 1.02× (so not there), at D = 32 it is untimed.
     ``GKA_TRITON_DOT`` overrides the choice for 16-bit inputs (benchmarks)."""
     if dtype == torch.float32:
         return 'ieee'
-    mode = os.environ.get('GKA_TRITON_DOT', 'bf16x3')
+    default = 'h16x2' if dtype == torch.bfloat16 and head_dim == 64 else 'bf16x3'
+    mode = os.environ.get('GKA_TRITON_DOT', default)
     if mode not in ('ieee', 'tf32', 'tf32x3', 'bf16x3', 'lowp', 'h16x2'):
         raise GKAInputError(f'GKA_TRITON_DOT must be ieee, tf32, tf32x3, bf16x3, lowp or h16x2, got {mode!r}')
     return mode

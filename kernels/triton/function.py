@@ -93,5 +93,5 @@ def gka_chunk_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch
     # x (the solve output) is kept for the backward only; without autograd the forward does not write it
     need_grad = grad_needed((q, k, v, g, alpha, h0, u0))
     o, hT, uT = GKATritonFunction.apply(q, k, v, g, alpha, h0, u0, int(num_iter), float(ridge_ratio), scale, C,
-                                        solve_dot_mode(q.dtype), need_grad)
+                                        solve_dot_mode(q.dtype, D), need_grad)
     return o, ((hT, uT) if output_final_state else None)
