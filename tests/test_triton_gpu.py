@@ -294,3 +294,32 @@ def test_conv_scan_qkv_under_autocast_matches_conv_then_scan():
         assert rel_rmse(a, b) < 1e-3, name
     for name, a, b in zip(('dy', 'dweight', 'dbeta'), g1, g0):
         assert a.dtype == b.dtype and rel_rmse(a, b) < 4e-3, (name, rel_rmse(a, b))
+
+
+def test_mixer_rebuilds_qkv_in_backward_bf16(monkeypatch):
+    """gka_small's mixers in a bf16 training step on the GPU: the kernel's q, k, v rebuilt in the backward
+    (scan_qkv.rebuild_qkv_in_backward, the default) give the gradients of keeping them (GKA_REBUILD_QKV=0), up to
+    the run-to-run choices of cuBLAS and cuDNN, with one more glue kernel per block in the backward."""
+    import timm
+    import gka_vision  # noqa: F401
+    import gka_vision.models.scan_qkv as sq
+    calls = []
+    scan_fwd = sq._scan_fwd
+    monkeypatch.setattr(sq, '_scan_fwd', lambda *a: calls.append(1) or scan_fwd(*a))
+    torch.manual_seed(0)
+    m = timm.create_model('gka_small', img_size=128, depth=3, num_classes=10).to(DEV)
+    x = torch.randn(4, 3, 128, 128, device=DEV)
+    results = []
+    for rebuild in ('0', '1'):
+        monkeypatch.setenv('GKA_REBUILD_QKV', rebuild)
+        m.zero_grad(set_to_none=True)
+        calls.clear()
+        with torch.autocast('cuda', dtype=torch.bfloat16):
+            y = m(x)
+        y.float().square().sum().backward()
+        results.append((len(calls), y.detach(), {k: p.grad.clone() for k, p in m.named_parameters()}))
+    (n0, y0, g0), (n1, y1, g1) = results
+    assert (n0, n1) == (3, 6)
+    assert torch.equal(y1, y0)
+    for k, gr in g0.items():
+        assert rel_rmse(g1[k], gr) < 1e-3, (k, rel_rmse(g1[k], gr))

@@ -558,6 +558,45 @@ def test_mixer_with_fused_glue():
 
 
 @cases
+def test_mixer_rebuilds_qkv_in_backward(monkeypatch):
+    """In training with the fused glue the GKA kernel's saved q, k, v are rebuilt from the projection in the backward
+    (scan_qkv.rebuild_qkv_in_backward): the same gradients bit for bit as keeping them (GKA_REBUILD_QKV=0), one
+    more glue kernel per block in the backward, and under activation checkpointing (whose saved-tensor hooks come
+    first) no rebuild and the same gradients."""
+    import timm
+    import gka_vision  # noqa: F401
+    import gka_vision.models.scan_qkv as sq
+    monkeypatch.setenv('GKA_FUSED_GLUE', '1')
+    monkeypatch.setenv('GKA_BACKEND', 'triton')   # the kernel whose autograd node saves q, k, v themselves
+    calls = []
+    scan_fwd = sq._scan_fwd
+    monkeypatch.setattr(sq, '_scan_fwd', lambda *a: calls.append(1) or scan_fwd(*a))
+    torch.manual_seed(0)
+    m = timm.create_model('gka_tiny_cross', img_size=16, patch_size=8, depth=2, num_iter=4, num_classes=5)
+    x = torch.randn(2, 3, 16, 16)
+
+    def step(rebuild, ckpt=False):
+        monkeypatch.setenv('GKA_REBUILD_QKV', rebuild)
+        m.set_grad_checkpointing(ckpt)
+        m.zero_grad(set_to_none=True)
+        calls.clear()
+        with torch.autocast('cpu', dtype=torch.float16):
+            y = m(x)
+        y.float().square().sum().backward()
+        return len(calls), y.detach(), {k: p.grad.clone() for k, p in m.named_parameters()}
+
+    n0, y0, g0 = step('0')
+    n1, y1, g1 = step('1')
+    n2, y2, g2 = step('1', ckpt=True)
+    assert (n0, n1) == (2, 4)    # two blocks: one glue kernel each, and with the rebuild one more in the backward
+    assert n2 == 4               # checkpointing reruns each block's forward, and nothing is rebuilt
+    assert torch.equal(y1, y0) and torch.equal(y2, y0)
+    for k, gr in g0.items():
+        assert torch.equal(g1[k], gr), k
+        assert rel_rmse(g2[k], gr) < 1e-6, k
+
+
+@cases
 @pytest.mark.parametrize('amp', [None, torch.float16], ids=['fp32', 'autocast-fp16'])
 @pytest.mark.parametrize('directions', [('row',), ('row', 'col_rev')])
 def test_conv_scan_qkv_recomputes_the_conv(directions, amp):

@@ -9,6 +9,7 @@ Differences from the language-model layer of the spec, and why:
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from typing import Optional, Sequence
@@ -177,10 +178,14 @@ class GKAMixer(nn.Module):
         z = self.out_gate(x).reshape(B, L, H * D)
         del x   # everything that reads the normalised grid has run
 
+        rebuild = contextlib.nullcontext()
         if recompute_conv:
-            from .scan_qkv import conv_scan_qkv
+            from .scan_qkv import conv_scan_qkv, rebuild_qkv_in_backward
             perm, inv = (None, None) if idx.identity else (idx.perm, idx.inv)
-            q, k, v = conv_scan_qkv(y, self.conv, perm, inv, beta.contiguous(), n, D, L2_EPS)
+            beta = beta.contiguous()
+            q, k, v = conv_scan_qkv(y, self.conv, perm, inv, beta, n, D, L2_EPS)
+            # the kernel's saved q, k, v are rebuilt from y and β in the backward rather than kept
+            rebuild = rebuild_qkv_in_backward(q, k, v, y, self.conv, perm, beta, n, D, L2_EPS)
             del y
         elif fused:
             from .scan_qkv import scan_qkv
@@ -212,7 +217,8 @@ class GKAMixer(nn.Module):
             # value checks and emit its output shape [B·n, L, H, D].
             o = torch.empty_like(v)
         else:
-            o = _gka_kernel(q, k, v, g, alpha, self.num_iter, self.ridge_ratio, self.backend)
+            with rebuild:
+                o = _gka_kernel(q, k, v, g, alpha, self.num_iter, self.ridge_ratio, self.backend)
 
         o = o.reshape(B, n * L, H * D)
         if fused:
