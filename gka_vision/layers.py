@@ -8,7 +8,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ['GatedRMSNorm', 'l2_normalize', 'init_forget_gate', 'forget_gate_log_decay', 'BETA_EPS', 'L2_EPS']
+__all__ = ['GatedRMSNorm', 'l2_normalize', 'init_forget_gate', 'forget_gate_log_decay', 'autocast_fanout', 'BETA_EPS',
+           'L2_EPS']
 
 # Added to β before it scales k and v, so a closed gate still leaves a (tiny) key and the Gram stays non-zero.
 BETA_EPS = 1e-6
@@ -65,3 +66,39 @@ class GatedRMSNorm(nn.Module):
 
     def reset_parameters(self) -> None:
         nn.init.ones_(self.weight)
+
+
+class _CastFanout(torch.autograd.Function):
+    """x cast once, handed out as n views of the one cast tensor; the consumers' gradients are cast back and summed
+    in x's dtype, as autocast's separate per-op casts would have them."""
+
+    @staticmethod
+    def forward(ctx, x, dtype, n: int):
+        ctx.in_dtype = x.dtype
+        xc = x.to(dtype)
+        return tuple(xc.view_as(xc) for _ in range(n))
+
+    @staticmethod
+    def backward(ctx, *grads):
+        total = None
+        for g in grads:
+            if g is not None:
+                g = g.to(ctx.in_dtype)
+                total = g if total is None else total + g
+        return total, None, None
+
+
+def autocast_fanout(x: torch.Tensor, n: int):
+    """x for n layers that autocast would each cast to its low-precision dtype: autocast caches only the casts of
+    parameters, so every Linear would cast (and, in training, save) its own copy of an activation. Here it is cast
+    once, and with autograd the input gradient still sums in x's dtype. Outside autocast, or for an x autocast would
+    not cast, x itself n times."""
+    dev = x.device.type
+    # autocast leaves float64 alone, and has no state at all on some devices (meta)
+    if not torch.amp.is_autocast_available(dev) or not torch.is_autocast_enabled(dev) or x.dtype in (torch.get_autocast_dtype(dev), torch.float64) \
+            or not x.is_floating_point():
+        return (x,) * n
+    dtype = torch.get_autocast_dtype(dev)
+    if not (torch.is_grad_enabled() and x.requires_grad):
+        return (x.to(dtype),) * n
+    return _CastFanout.apply(x, dtype, n)

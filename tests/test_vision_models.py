@@ -492,6 +492,38 @@ def test_bf16_autocast_forward_is_finite():
     assert rel_rmse(y.float(), ref) < 0.1
 
 
+def test_mixer_casts_the_normalised_grid_once_under_autocast(monkeypatch):
+    """Under autocast the mixer's three input projections read one low-precision copy of the normalised grid
+    (layers.autocast_fanout), where autocast alone casts and saves one per Linear: the same outputs bit for bit and
+    the same gradients, and one saved [B, Hg, Wg, d] bf16 copy per block instead of three."""
+    from gka_vision import layers
+    torch.manual_seed(0)
+    m = timm.create_model('gka_tiny_cross', img_size=32, patch_size=8, depth=2, num_iter=4, num_classes=5)
+    x = torch.randn(2, 3, 32, 32)
+    tokens = 2 * 4 * 4
+
+    def step():
+        saved = []
+        m.zero_grad(set_to_none=True)
+        with torch.autocast('cpu', dtype=torch.bfloat16), torch.autograd.graph.saved_tensors_hooks(
+                lambda t: saved.append((tuple(t.shape), t.dtype, t.data_ptr())) or t, lambda t: t):
+            y = m(x)
+        y.float().square().sum().backward()
+        # distinct bf16 [tokens, d] inputs the Linears keep (views of one tensor share its data pointer)
+        copies = {p for shape, dt, p in saved if shape == (tokens, m.embed_dim) and dt == torch.bfloat16}
+        return y.detach(), {k: p.grad.clone() for k, p in m.named_parameters()}, len(copies)
+
+    y1, g1, n1 = step()
+    monkeypatch.setattr(layers._CastFanout, 'apply', lambda x, dtype, n: (x,) * n)   # autocast's own casts
+    y0, g0, n0 = step()
+    assert torch.equal(y1, y0)
+    for k, gr in g0.items():
+        assert rel_rmse(g1[k], gr) < 1e-6, k
+    # per block, in both: the mixer's output projection and the MLP's fc1 (their own inputs); the mixer's three
+    # input projections 3 copies with autocast alone, 1 here
+    assert (n0, n1) == (2 * 5, 2 * 3), (n0, n1)
+
+
 def test_torch_compile_matches_eager():
     torch._dynamo.reset()
     m = timm.create_model('gka_tiny_cross', depth=2, embed_dim=64, num_heads=2, head_dim=32, num_iter=4).train()

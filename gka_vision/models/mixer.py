@@ -21,7 +21,7 @@ from timm.layers import register_notrace_module
 
 from gka_kernels import gka_chunk
 
-from ..layers import BETA_EPS, L2_EPS, GatedRMSNorm, forget_gate_log_decay, init_forget_gate
+from ..layers import BETA_EPS, L2_EPS, GatedRMSNorm, autocast_fanout, forget_gate_log_decay, init_forget_gate
 from .scan import DIRECTIONS, scan_index
 
 __all__ = ['GKAMixer']
@@ -154,7 +154,11 @@ class GKAMixer(nn.Module):
         idx = scan_index(self.directions, Hg, Wg, x.device)
 
         fused = _fused_glue(x, D)
-        y = self.qkv(x).permute(0, 3, 1, 2)
+        # one low-precision copy of the normalised grid for the three projections that read it, not one each
+        x_qkv, x_gate, x_out = autocast_fanout(x, 3)
+        del x
+        y = self.qkv(x_qkv).permute(0, 3, 1, 2)
+        del x_qkv
         # Training with the fused glue: the conv runs inside conv_scan_qkv, which recomputes its output in the
         # backward rather than saving it. Otherwise raw = [B, Hg, Wg, 3·H·D] before the SiLU, and the projection is
         # not kept (without autograd it is freed here, 3·H·D per token off the inference peak).
@@ -164,19 +168,19 @@ class GKAMixer(nn.Module):
             raw = self.conv(y).permute(0, 2, 3, 1)
             del y
 
-        gates = self.gate_proj(x).reshape(B, L, n, 3, H)
+        gates = self.gate_proj(x_gate).reshape(B, L, n, 3, H)
         if idx.identity:
             gates = gates.transpose(1, 2)
         else:
-            dir_ids = torch.arange(n, device=x.device)[:, None]
+            dir_ids = torch.arange(n, device=x_gate.device)[:, None]
             gates = gates[:, idx.perm, dir_ids]  # [B, n, L, 3, H]: direction j's gates at its own scan order
         ba = torch.sigmoid(gates[..., :2, :] + self.gate_bias[:, None])
         g = forget_gate_log_decay(gates[..., 2, :], self.A_log[:, None], self.dt_bias[:, None])
         beta = (ba[..., 0, :] + BETA_EPS).reshape(B * n, L, H)
         alpha = ba[..., 1, :].reshape(B * n, L, H).to(act_dtype)
         g = g.reshape(B * n, L, H)
-        z = self.out_gate(x).reshape(B, L, H * D)
-        del x   # everything that reads the normalised grid has run
+        z = self.out_gate(x_out).reshape(B, L, H * D)
+        del x_gate, x_out   # everything that reads the normalised grid has run
 
         rebuild = contextlib.nullcontext()
         if recompute_conv:
