@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import os
 from typing import Optional
 
 import torch
@@ -92,8 +93,10 @@ def autocast_fanout(x: torch.Tensor, n: int):
     """x for n layers that autocast would each cast to its low-precision dtype: autocast caches only the casts of
     parameters, so every Linear would cast (and, in training, save) its own copy of an activation. Here it is cast
     once, and with autograd the input gradient still sums in x's dtype. Outside autocast, or for an x autocast would
-    not cast, x itself n times."""
+    not cast, x itself n times. ``GKA_CAST_FANOUT=0`` leaves the casts to autocast (benchmarks)."""
     dev = x.device.type
+    if os.environ.get('GKA_CAST_FANOUT') == '0':   # benchmarks: autocast's own per-Linear casts
+        return (x,) * n
     # autocast leaves float64 alone, and has no state at all on some devices (meta)
     if not torch.amp.is_autocast_available(dev) or not torch.is_autocast_enabled(dev) or x.dtype in (torch.get_autocast_dtype(dev), torch.float64) \
             or not x.is_floating_point():
