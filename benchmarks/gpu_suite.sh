@@ -4,7 +4,7 @@
 #                                               fusedglue statecap lm demo
 #                                               (default: setup tests kernels models lm)
 # One device call may run 10 minutes, so run the stages in a few calls, each starting with setup. Measured stage
-# times on the H200 (2026-11-29): setup 20 s, tests ~5.5 min (33 cases; 24 ran in 240 s on 2026-11-29), schedule ~1.5 min, kernels 45 s, models ~6 min for all
+# times on the H200 (2026-11-29): setup 20 s, tests 3.5-4.5 min (36 cases: 35 in 207 s warm, 32 in 260 s cold), schedule ~1.5 min, kernels 45 s, models ~6 min for all
 # 12 models (MODELS_BUDGET=470), modelprofile 30 s, compiled 4.5 min, fusedglue 70 s, demo 35 s, lm ~8 min. E.g.
 #   setup tests schedule kernels      setup models      setup modelprofile demo fusedglue
 # Writes logs, JSON, markdown and PNGs under $OUT (default benchmarks/results). Each stage has its own time limit
@@ -36,7 +36,7 @@ for s in "${stages[@]}"; do
       run_stage setup 120 bash -c 'python3 -m pip install -q --no-deps --no-build-isolation -e . && \
         python3 -c "import torch, triton, timm, gka_kernels, gka_vision; print(torch.__version__, triton.__version__, \
         timm.__version__, torch.cuda.get_device_name(), gka_kernels.resolve_backend(None, torch.device(\"cuda\")))"' ;;
-    tests)   # TESTS_ARGS: more pytest arguments (e.g. -k to split the 33 cases over two calls)
+    tests)   # TESTS_ARGS: more pytest arguments (e.g. -k to split the 36 cases over two calls)
              run_stage tests ${TESTS_LIMIT:-420} python3 -m pytest -q -rf -m gpu ${TESTS_ARGS:-} tests ;;
     kernels) run_stage kernels 180 python3 benchmarks/kernels.py --out "$OUT" ;;
     models)  # MODELS_BUDGET seconds (default 270) before the sweep stops starting new measurements; MODELS_ARGS: more flags
