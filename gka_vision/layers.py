@@ -98,8 +98,8 @@ def autocast_fanout(x: torch.Tensor, n: int):
     if os.environ.get('GKA_CAST_FANOUT') == '0':   # benchmarks: autocast's own per-Linear casts
         return (x,) * n
     # autocast leaves float64 alone, and has no state at all on some devices (meta)
-    if not torch.amp.is_autocast_available(dev) or not torch.is_autocast_enabled(dev) or x.dtype in (torch.get_autocast_dtype(dev), torch.float64) \
-            or not x.is_floating_point():
+    if not torch.amp.is_autocast_available(dev) or not torch.is_autocast_enabled(dev) \
+            or x.dtype in (torch.get_autocast_dtype(dev), torch.float64) or not x.is_floating_point():
         return (x,) * n
     dtype = torch.get_autocast_dtype(dev)
     if not (torch.is_grad_enabled() and x.requires_grad):

@@ -102,9 +102,9 @@ def test_initial_state_and_ragged_tail_bf16():
 def test_other_schedules_vs_float64_oracle(shape, env, monkeypatch):
     """The schedules a benchmark can switch to hold the bf16 bounds too (KERNEL_NOTES.md v8-v10): the padded last
     chunk without fast steps (the default before v10), h16x2's fp16 H⁰ products (forward and both adjoint solves)
-    with its fp16 leading steps (the default at D = 64 since v16), the bf16 split H⁰ products (the default before), single-pass bf16 leading steps, and the Gram and KV state passes as two launches
-    (the default before v11; Triton 3.6 on Hopper has miscompiled kernels the interpreter passes, so only this run
-    proves a schedule)."""
+    with its fp16 leading steps (the default at D = 64 since v16), the bf16 split H⁰ products (the default before),
+    single-pass bf16 leading steps, and the Gram and KV state passes as two launches (the default before v11;
+    Triton 3.6 on Hopper has miscompiled kernels the interpreter passes, so only this run proves a schedule)."""
     for key, val in env.items():
         monkeypatch.setenv(key, val)
     err = _errors(*shape, torch.bfloat16)

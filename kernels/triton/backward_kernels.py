@@ -6,11 +6,11 @@ implicit gradient through the Gram (rank-1 terms, λ-path, ⟨Ḡ, H⟩) plus th
 w.r.t. its entry Gram. ``_bwd_inter_kernel`` adds the part carried in from later chunks once the reverse scan of
 those increments is known. All [B, T, H, ·] tensors are contiguous.
 
-The chunk-boundary states come from a pass at a coarser state chunk of SR sub-chunks (``config.backward_state_chunk``):
-each program carries the Gram and KV states forward from the start of its state chunk, and the readout's state
-gradient backward from its end, over at most SR − 1 neighbouring sub-chunks (``_advance``, ``_retreat``: the same
-recurrences as state_pass.py). That costs a few small products per program, against writing and reading three
-fp32 D×D states per 16 tokens (KERNEL_NOTES.md, v15).
+The chunk-boundary states come from a pass at a coarser state chunk of SR sub-chunks
+(``config.backward_state_chunk``): each program carries the Gram and KV states forward from the start of its state
+chunk, and the readout's state gradient backward from its end, over at most SR − 1 neighbouring sub-chunks
+(``_advance``, ``_retreat``: the same recurrences as state_pass.py). Fewer fp32 D×D states exist at a time, for a
+few small products per program (KERNEL_NOTES.md, v15).
 """
 from __future__ import annotations
 
@@ -61,7 +61,6 @@ def _retreat(R, q_ptr, x_ptr, al_ptr, do_ptr, g_ptr, b, h, s_lo, s_hi, T, H, sca
         dO = tl.load(do_ptr + row[:, None] * DV + tl.arange(0, DV)[None, :], mask=m2, other=0.0).to(tl.float32)
         R = tl.exp(tl.sum(gl, 0)) * R + _xdot(tl.trans(Qt * w[:, None]), dO, False, True, ACC)
     return R
-
 
 
 @triton.jit

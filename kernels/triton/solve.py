@@ -223,9 +223,10 @@ _MODES = {'ieee': 0, 'tf32': 1, 'tf32x3': 4, 'bf16x3': 5}
 def dot_mode(dot: str, dtype: torch.dtype, ridge_ratio: Optional[float] = None) -> int:
     """The kernels' MODE number of a ``config.solve_dot_mode`` name for inputs of ``dtype``.
 
-    'h16x2' (the default for bf16 at D = 64, config.solve_dot_mode): the H⁰ product as two fp16 MMAs on rescaled rows, the in-chunk products as in 'bf16x3'
-    (bf16 inputs: MODE 6) or 'tf32x3' (fp16: MODE 7); 6 bf16 MMAs per step instead of 7. Its rescaling needs
-    r ≥ 1e-3 (iterate rows within 1 / r of the origin in fp16); smaller ridge ratios keep the default split."""
+    'h16x2' (the default for bf16 at D = 64, config.solve_dot_mode): the H⁰ product as two fp16 MMAs on rescaled
+    rows, the in-chunk products as in 'bf16x3' (bf16 inputs: MODE 6) or 'tf32x3' (fp16: MODE 7); 6 bf16 MMAs per
+    step instead of 7. Its rescaling needs r ≥ 1e-3 (iterate rows within 1 / r of the origin in fp16); smaller ridge
+    ratios keep the bf16 split."""
     if dot == 'lowp':
         return 3 if dtype == torch.float16 else 2
     if dot == 'h16x2':
