@@ -264,7 +264,7 @@ def test_mixer_matches_per_direction_reference(directions):
 def test_mixer_makes_one_stacked_kernel_call(monkeypatch):
     calls = []
 
-    def spy(q, k, v, g, alpha, num_iter, ridge_ratio, backend):
+    def spy(q, k, v, g, alpha, num_iter, ridge_ratio, backend, rebuild_from=None):
         calls.append((tuple(q.shape), dict(num_iter=num_iter, ridge_ratio=ridge_ratio)))
         return gka_chunk(q, k, v, g, alpha, num_iter=num_iter, ridge_ratio=ridge_ratio, backend=backend)
 
@@ -347,7 +347,7 @@ def test_mixer_frees_its_projections_before_the_kernel(monkeypatch):
     import weakref
     seen = {}
 
-    def spy(q, k, v, g, alpha, num_iter, ridge_ratio, backend):
+    def spy(q, k, v, g, alpha, num_iter, ridge_ratio, backend, rebuild_from=None):
         seen['alive'] = {name: ref() is not None for name, ref in refs.items()}
         return gka_chunk(q, k, v, g, alpha, num_iter=num_iter, ridge_ratio=ridge_ratio, backend=backend)
 

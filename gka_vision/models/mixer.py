@@ -28,14 +28,22 @@ __all__ = ['GKAMixer']
 
 
 @torch.compiler.disable
-def _gka_kernel(q, k, v, g, alpha, num_iter: int, ridge_ratio: float, backend: Optional[str]) -> torch.Tensor:
+def _gka_kernel(q, k, v, g, alpha, num_iter: int, ridge_ratio: float, backend: Optional[str],
+                rebuild_from: Optional[tuple] = None) -> torch.Tensor:
     # Opaque to torch.compile: dynamo does not trace into the kernel (the Triton backend's launches do not survive
     # inductor's re-compilation, and unrolling the torch backend's Chebyshev loop takes minutes to compile). The
     # cost is one graph break per mixer; once gka_kernels registers gka_chunk as a torch.library custom op this
     # wrapper can go and the whole model compiles as one graph.
-    # g = -exp(A_log)·softplus(·) ≤ 0 by construction: skip the value check and its device sync
-    return gka_chunk(q, k, v, g, alpha, num_iter=num_iter, ridge_ratio=ridge_ratio, backend=backend,
-                     check_values=False)
+    # rebuild_from: conv_scan_qkv's inputs, from which the backward rebuilds q, k, v rather than keeping them (the
+    # saved-tensor hooks are set here, outside anything dynamo traces).
+    rebuild = contextlib.nullcontext()
+    if rebuild_from is not None:
+        from .scan_qkv import rebuild_qkv_in_backward
+        rebuild = rebuild_qkv_in_backward(q, k, v, *rebuild_from)
+    with rebuild:
+        # g = -exp(A_log)·softplus(·) ≤ 0 by construction: skip the value check and its device sync
+        return gka_chunk(q, k, v, g, alpha, num_iter=num_iter, ridge_ratio=ridge_ratio, backend=backend,
+                         check_values=False)
 
 
 def _fused_glue(x: torch.Tensor, head_dim: int) -> bool:
@@ -182,14 +190,14 @@ class GKAMixer(nn.Module):
         z = self.out_gate(x_out).reshape(B, L, H * D)
         del x_gate, x_out   # everything that reads the normalised grid has run
 
-        rebuild = contextlib.nullcontext()
+        rebuild_from = None
         if recompute_conv:
-            from .scan_qkv import conv_scan_qkv, rebuild_qkv_in_backward
+            from .scan_qkv import conv_scan_qkv
             perm, inv = (None, None) if idx.identity else (idx.perm, idx.inv)
             beta = beta.contiguous()
             q, k, v = conv_scan_qkv(y, self.conv, perm, inv, beta, n, D, L2_EPS)
             # the kernel's saved q, k, v are rebuilt from y and β in the backward rather than kept
-            rebuild = rebuild_qkv_in_backward(q, k, v, y, self.conv, perm, beta, n, D, L2_EPS)
+            rebuild_from = (y, self.conv, perm, beta, n, D, L2_EPS)
             del y
         elif fused:
             from .scan_qkv import scan_qkv
@@ -221,8 +229,8 @@ class GKAMixer(nn.Module):
             # value checks and emit its output shape [B·n, L, H, D].
             o = torch.empty_like(v)
         else:
-            with rebuild:
-                o = _gka_kernel(q, k, v, g, alpha, self.num_iter, self.ridge_ratio, self.backend)
+            o = _gka_kernel(q, k, v, g, alpha, self.num_iter, self.ridge_ratio, self.backend, rebuild_from)
+            del rebuild_from
 
         o = o.reshape(B, n * L, H * D)
         if fused:
