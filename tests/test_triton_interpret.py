@@ -561,16 +561,17 @@ def test_mixer_with_fused_glue():
 @cases
 def test_mixer_rebuilds_qkv_in_backward(monkeypatch):
     """In training with the fused glue the GKA kernel's saved q, k, v are rebuilt from the projection in the backward
-    (scan_qkv.rebuild_qkv_in_backward): the same gradients bit for bit as keeping them (GKA_REBUILD_QKV=0), one
-    more glue kernel per block in the backward; under activation checkpointing (whose saved-tensor hooks come
+    (scan_qkv.rebuild_qkv_in_backward), and the merge's saved output gate from its projection's input: the same
+    gradients bit for bit as keeping them (GKA_REBUILD_QKV=0), one more glue kernel and gate projection per block
+    in the backward; under activation checkpointing (whose saved-tensor hooks come
     first) no rebuild and the same gradients; and under torch.compile the rebuild as in eager mode."""
     import timm
     import gka_vision  # noqa: F401
     import gka_vision.models.scan_qkv as sq
     monkeypatch.setenv('GKA_FUSED_GLUE', '1')
     monkeypatch.setenv('GKA_BACKEND', 'triton')   # the kernel whose autograd node saves q, k, v themselves
-    calls = []
-    scan_fwd = sq._scan_fwd
+    calls, linears = [], []
+    scan_fwd, linear = sq._scan_fwd, torch.nn.functional.linear
     monkeypatch.setattr(sq, '_scan_fwd', lambda *a: calls.append(1) or scan_fwd(*a))
     torch.manual_seed(0)
     m = timm.create_model('gka_tiny_cross', img_size=16, patch_size=8, depth=2, num_iter=4, num_classes=5)
@@ -581,15 +582,21 @@ def test_mixer_rebuilds_qkv_in_backward(monkeypatch):
         m.set_grad_checkpointing(ckpt)
         m.zero_grad(set_to_none=True)
         calls.clear()
+        linears.clear()
         with torch.autocast('cpu', dtype=torch.float16):
             y = m(x)
         y.float().square().sum().backward()
         return len(calls), y.detach(), {k: p.grad.clone() for k, p in m.named_parameters()}
 
+    monkeypatch.setattr(torch.nn.functional, 'linear', lambda *a, **kw: linears.append(1) or linear(*a, **kw))
     n0, y0, g0 = step('0')
+    lin0 = len(linears)
     n1, y1, g1 = step('1')
+    lin1 = len(linears)
     n2, y2, g2 = step('1', ckpt=True)
+    monkeypatch.setattr(torch.nn.functional, 'linear', linear)
     assert (n0, n1) == (2, 4)    # two blocks: one glue kernel each, and with the rebuild one more in the backward
+    assert lin1 == lin0 + 2      # and the output gate's projection once more per block
     assert n2 == 4               # checkpointing reruns each block's forward, and nothing is rebuilt
     assert torch.equal(y1, y0) and torch.equal(y2, y0)
     for k, gr in g0.items():

@@ -57,6 +57,25 @@ def _fused_glue(x: torch.Tensor, head_dim: int) -> bool:
     return fused_glue_supported(x, head_dim)
 
 
+@torch.compiler.disable  # like the kernel call; the hooks below are set outside anything dynamo traces
+def _merge_norm(o, scatter, z, weight, ndir: int, head_dim: int, eps: float,
+                z_from: Optional[tuple]) -> torch.Tensor:
+    """The fused merge and gated RMSNorm; z_from = (input, weight) of the output-gate projection, which the graph
+    keeps for that Linear's own backward: z is then rebuilt from them in the backward instead of kept."""
+    from .merge_norm import merge_norm
+    rebuild = contextlib.nullcontext()
+    if z_from is not None:
+        from .rebuild import rebuilt_in_backward
+        x_out, w_out = z_from
+        shape = z.shape
+
+        def recipe():
+            return (F.linear(x_out, w_out).reshape(shape),)
+        rebuild = rebuilt_in_backward((z,), recipe, z.device.type)
+    with rebuild:
+        return merge_norm(o, scatter, z, weight, ndir, head_dim, eps)
+
+
 @register_notrace_module  # an FX leaf: its shapes drive Python-side index caches and the opaque kernel call
 class GKAMixer(nn.Module):
     """Multi-direction Gated KalmaNet mixer over an NHWC token grid.
@@ -188,6 +207,12 @@ class GKAMixer(nn.Module):
         alpha = ba[..., 1, :].reshape(B * n, L, H).to(act_dtype)
         g = g.reshape(B * n, L, H)
         z = self.out_gate(x_out).reshape(B, L, H * D)
+        # Training with the fused glue: z is rebuilt in the backward (_merge_norm) from the gate's input, when that
+        # is the tensor the Linear keeps (under autocast only if already cast: autocast_fanout's copy)
+        dev = x_out.device.type
+        kept_as_is = not torch.is_autocast_enabled(dev) or x_out.dtype == torch.get_autocast_dtype(dev)
+        z_from = (x_out, self.out_gate.weight) if recompute_conv and kept_as_is and self.out_gate.bias is None \
+            else None
         del x_gate, x_out   # everything that reads the normalised grid has run
 
         rebuild_from = None
@@ -234,8 +259,9 @@ class GKAMixer(nn.Module):
 
         o = o.reshape(B, n * L, H * D)
         if fused:
-            from .merge_norm import merge_norm
-            o = merge_norm(o, None if idx.identity else idx.scatter, z, self.norm.weight, n, D, self.norm.eps)
+            o = _merge_norm(o, None if idx.identity else idx.scatter, z, self.norm.weight, n, D, self.norm.eps,
+                            z_from)
+            del z_from
         else:
             if not idx.identity:
                 o = o.index_select(1, idx.scatter)

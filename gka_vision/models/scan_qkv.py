@@ -11,11 +11,11 @@ path under ``TRITON_INTERPRET=1`` and on the GPU.
 """
 from __future__ import annotations
 
-import contextlib
-import os
 from typing import Optional, Tuple
 
 import torch
+
+from .rebuild import rebuilt_in_backward
 
 try:
     import triton
@@ -231,51 +231,15 @@ def conv_scan_qkv(y: torch.Tensor, conv: torch.nn.Conv2d, perm: Optional[torch.T
     return _ConvScanQKV.apply(y, conv.weight, perm, inv, beta, ndir, head_dim, eps, conv.padding[0])
 
 
-def _key(t: torch.Tensor):
-    return t.device, t.dtype, t.data_ptr(), tuple(t.shape), tuple(t.stride())
-
-
-class _Rebuilt:
-    """What autograd keeps instead of one of q, k, v: its index in the rebuilt triple."""
-    __slots__ = ('i',)
-
-    def __init__(self, i: int):
-        self.i = i
-
-
-def _hooks_active() -> bool:
-    top = getattr(torch._C._autograd, '_top_saved_tensors_default_hooks', None)
-    return top is None or top(False) is not None   # unknown: assume something (a checkpoint) already packs
-
-
 def rebuild_qkv_in_backward(q, k, v, y, conv: torch.nn.Conv2d, perm, beta, ndir: int, head_dim: int, eps: float):
     """A context inside which autograd saves ``conv_scan_qkv``'s outputs q, k, v (as the GKA kernel saves its
     inputs) as a recipe: the backward rebuilds all three once from the projection y and β, which the conv_scan_qkv
-    node keeps anyway, with the forward's kernels under its autocast state, so bit for bit. Three [B·n, L, H, D]
-    tensors per block are then not kept from the forward to the backward (KERNEL_NOTES.md, v17); the price is one
-    more conv and glue kernel per block in the backward.
-
-    A null context when ``GKA_REBUILD_QKV=0``, or when saved-tensor hooks are already active (activation
-    checkpointing, which then keeps nothing of the block anyway)."""
-    if os.environ.get('GKA_REBUILD_QKV', '1') == '0' or _hooks_active():
-        return contextlib.nullcontext()
-    keys = {_key(t): i for i, t in enumerate((q, k, v))}
-    dev = y.device.type
-    amp = (torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))
+    node keeps anyway, with the forward's kernels, so bit for bit (``rebuild.rebuilt_in_backward``). Three
+    [B·n, L, H, D] tensors per block are then not kept from the forward to the backward (KERNEL_NOTES.md, v17);
+    the price is one more conv and glue kernel per block in the backward."""
     weight, padding = conv.weight, conv.padding[0]
-    rebuilt = []
 
-    def pack(t):
-        i = keys.get(_key(t))
-        return t if i is None else _Rebuilt(i)
+    def recipe():
+        return _scan_fwd(_conv_rows(y, weight, padding).contiguous(), perm, beta, ndir, head_dim, eps)
 
-    def unpack(p):
-        if not isinstance(p, _Rebuilt):
-            return p
-        if not rebuilt:
-            with torch.no_grad(), torch.autocast(dev, dtype=amp[1], enabled=amp[0]):
-                raw = _conv_rows(y, weight, padding).contiguous()
-                rebuilt.extend(_scan_fwd(raw, perm, beta, ndir, head_dim, eps))
-        return rebuilt[p.i]
-
-    return torch.autograd.graph.saved_tensors_hooks(pack, unpack)
+    return rebuilt_in_backward((q, k, v), recipe, y.device.type)
