@@ -209,10 +209,11 @@ class GKAMixer(nn.Module):
         z = self.out_gate(x_out).reshape(B, L, H * D)
         # Training with the fused glue: z is rebuilt in the backward (_merge_norm) from the gate's input, when that
         # is the tensor the Linear keeps (under autocast only if already cast: autocast_fanout's copy)
-        dev = x_out.device.type
-        kept_as_is = not torch.is_autocast_enabled(dev) or x_out.dtype == torch.get_autocast_dtype(dev)
-        z_from = (x_out, self.out_gate.weight) if recompute_conv and kept_as_is and self.out_gate.bias is None \
-            else None
+        z_from = None
+        if recompute_conv and self.out_gate.bias is None:
+            dev = x_out.device.type
+            if not torch.is_autocast_enabled(dev) or x_out.dtype == torch.get_autocast_dtype(dev):
+                z_from = (x_out, self.out_gate.weight)
         del x_gate, x_out   # everything that reads the normalised grid has run
 
         rebuild_from = None
