@@ -217,9 +217,9 @@ class GKAMixer(nn.Module):
         del x_gate, x_out   # everything that reads the normalised grid has run
 
         rebuild_from = None
+        perm, inv = (None, None) if idx.identity else (idx.perm, idx.inv)   # the fused glue's scan order
         if recompute_conv:
             from .scan_qkv import conv_scan_qkv
-            perm, inv = (None, None) if idx.identity else (idx.perm, idx.inv)
             beta = beta.contiguous()
             q, k, v = conv_scan_qkv(y, self.conv, perm, inv, beta, n, D, L2_EPS)
             # the kernel's saved q, k, v are rebuilt from y and β in the backward rather than kept
@@ -227,7 +227,6 @@ class GKAMixer(nn.Module):
             del y
         elif fused:
             from .scan_qkv import scan_qkv
-            perm, inv = (None, None) if idx.identity else (idx.perm, idx.inv)
             q, k, v = scan_qkv(raw.reshape(B, L, 3 * H * D).contiguous(), perm, inv, beta.contiguous(), n, D, L2_EPS)
         else:
             qkv = F.silu(raw).reshape(B, L, 3, H, D)

@@ -19,31 +19,30 @@ import triton.language as tl
 
 from .dots import _xdot
 from .solve import _cheb_solve
+from .state_pass import _chunk_update
 
 
 @triton.jit
 def _advance(S, a_ptr, x_ptr, g_ptr, b, h, s_from, s_to, T, H,
              DA: tl.constexpr, DX: tl.constexpr, C: tl.constexpr, ACC: tl.constexpr):
-    """S carried forward over sub-chunks [s_from, s_to): S ← last·S + Σ_σ exp(gc_last − gc_σ)·a_σ x_σᵀ."""
+    """S carried forward over sub-chunks [s_from, s_to) (state_pass's forward recurrence)."""
     rc = tl.arange(0, C)
     for s in range(s_from, s_to):
         t = s * C + rc
         tm = t < T
         row = (b * T + t) * H + h
         gl = tl.load(g_ptr + row, mask=tm, other=0.0)
-        glast = tl.sum(gl, 0)
-        w = tl.exp(glast - tl.cumsum(gl, 0))
         A = tl.load(a_ptr + row[:, None] * DA + tl.arange(0, DA)[None, :], mask=tm[:, None], other=0.0)
         X = tl.load(x_ptr + row[:, None] * DX + tl.arange(0, DX)[None, :], mask=tm[:, None], other=0.0)
-        S = tl.exp(glast) * S + _xdot(tl.trans(A.to(tl.float32) * w[:, None]), X.to(tl.float32), False, True, ACC)
+        S = _chunk_update(S, A.to(tl.float32), X.to(tl.float32), gl, 1.0, False, ACC, True)
     return S
 
 
 @triton.jit
 def _retreat(R, q_ptr, x_ptr, al_ptr, do_ptr, g_ptr, b, h, s_lo, s_hi, T, H, scale,
              D: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, N: tl.constexpr, ACC: tl.constexpr):
-    """The readout's state gradient R carried backward over sub-chunks s_hi − 1 down to s_lo:
-    R ← last·R + scale·Σ_τ exp(gc_τ)·q̃_τ do_τᵀ."""
+    """The readout's state gradient R carried backward over sub-chunks s_hi − 1 down to s_lo (state_pass's reverse
+    recurrence with a = q̃, x = do)."""
     rc = tl.arange(0, C)
     rd = tl.arange(0, D)
     for i in range(s_hi - s_lo):
@@ -52,14 +51,13 @@ def _retreat(R, q_ptr, x_ptr, al_ptr, do_ptr, g_ptr, b, h, s_lo, s_hi, T, H, sca
         row = (b * T + t) * H + h
         m2 = tm[:, None]
         gl = tl.load(g_ptr + row, mask=tm, other=0.0)
-        w = scale * tl.exp(tl.cumsum(gl, 0))
         Qt = tl.load(q_ptr + row[:, None] * D + rd[None, :], mask=m2, other=0.0).to(tl.float32)
         if N > 0:
             X = tl.load(x_ptr + row[:, None] * D + rd[None, :], mask=m2, other=0.0)
             al = tl.load(al_ptr + row, mask=tm, other=0.0).to(tl.float32)
             Qt = Qt + al[:, None] * (X - Qt)
         dO = tl.load(do_ptr + row[:, None] * DV + tl.arange(0, DV)[None, :], mask=m2, other=0.0).to(tl.float32)
-        R = tl.exp(tl.sum(gl, 0)) * R + _xdot(tl.trans(Qt * w[:, None]), dO, False, True, ACC)
+        R = _chunk_update(R, Qt, dO, gl, scale, True, ACC, True)
     return R
 
 

@@ -21,6 +21,19 @@ from .dots import _xdot
 
 
 @triton.jit
+def _chunk_update(cur, A, X, gl, scale, REVERSE: tl.constexpr, PREC: tl.constexpr, X_EXACT: tl.constexpr):
+    """One chunk of the recurrence above: cur ← last·cur + Σ w_σ·a_σ x_σᵀ, w = exp(gc_last − gc) forward and
+    scale·exp(gc) in reverse (A, X fp32 [C, ·] tiles, gl the chunk's log-decays)."""
+    gc = tl.cumsum(gl, 0)
+    glast = tl.sum(gl, 0)
+    if REVERSE:
+        w = tl.exp(gc) * scale
+    else:
+        w = tl.exp(glast - gc)
+    return tl.exp(glast) * cur + _xdot(tl.trans(A * w[:, None]), X, False, X_EXACT, PREC)
+
+
+@triton.jit
 def _states_tile(a_base, x_base, g_base, init_ptr, states_ptr, final_ptr, bh, ia, ix, T, NC, scale, s_at, s_xt, s_gt,
                  DA: tl.constexpr, DX: tl.constexpr, C: tl.constexpr, BA: tl.constexpr, BX: tl.constexpr,
                  HAS_INIT: tl.constexpr, STORE_FINAL: tl.constexpr, REVERSE: tl.constexpr, PREC: tl.constexpr,
@@ -42,17 +55,10 @@ def _states_tile(a_base, x_base, g_base, init_ptr, states_ptr, final_ptr, bh, ia
         t = c * C + rc
         tm = t < T
         gl = tl.load(g_base + t * s_gt, mask=tm, other=0.0).to(tl.float32)
-        gc = tl.cumsum(gl, 0)
-        glast = tl.sum(gl, 0)
-        if REVERSE:
-            w = tl.exp(gc) * scale
-        else:
-            w = tl.exp(glast - gc)
         A = tl.load(a_base + t[:, None] * s_at + ra[None, :], mask=tm[:, None], other=0.0).to(tl.float32)
         X = tl.load(x_base + t[:, None] * s_xt + rx[None, :], mask=tm[:, None], other=0.0).to(tl.float32)
-        inc = _xdot(tl.trans(A * w[:, None]), X, False, X_EXACT, PREC)
         tl.store(states_ptr + (bh * NC + c) * DA * DX + tile, cur)
-        cur = tl.exp(glast) * cur + inc
+        cur = _chunk_update(cur, A, X, gl, scale, REVERSE, PREC, X_EXACT)
     if STORE_FINAL:
         tl.store(final_ptr + bh * DA * DX + tile, cur)
 
