@@ -100,7 +100,7 @@ def section_schedule(report):
     for env in SCHEDULES:
         os.environ.update(env)
         try:
-            row = dict(env=' '.join(f'{k[11:]}={v}' for k, v in env.items()) or 'default')
+            row = dict(env=' '.join(f"{k.removeprefix('GKA_TRITON_')}={v}" for k, v in env.items()) or 'default')
             xs = [t.detach().requires_grad_() for t in ins]
             o = gk.gka_chunk(*xs, backend='triton')
             (o.double() * do).sum().backward()
@@ -213,9 +213,15 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument('--only', default='tests,variants,bench,profile')
     ap.add_argument('--quick', action='store_true', help='benchmark: target shapes only (no T sweep, no plot)')
+    ap.add_argument('--schedules', nargs='+', metavar='ENV',
+                    help="schedule section: these instead of its list, each 'default' or NAME=value[,NAME=value] "
+                         "(NAME as in ab.py: GKA_TRITON_ prefix optional), e.g. default DOT=lowp")
     args = ap.parse_args()
     global QUICK
     QUICK = args.quick
+    if args.schedules:
+        from ab import parse_variant
+        SCHEDULES[:] = [parse_variant(v) for v in args.schedules]
     os.makedirs(OUT, exist_ok=True)
     import triton
     from provenance import provenance

@@ -9,6 +9,7 @@ gradients and AdamW state, which exist after the warm-up step). An out-of-memory
     python benchmarks/models.py --cpu --out benchmarks/results      # CPU inference at 224 px, batch 1
     python benchmarks/models.py --profile gka_small --img-size 1024 # where the time goes (kernel / proj / glue)
     python benchmarks/models.py --replot --merge A/models.json B/models.json --out DIR   # one table from two runs
+    python benchmarks/models.py --models gka_small gka_small@num_iter=10 deit_small_patch16_224   # other arguments
 
 A run cut short by its time budget can be completed by a later run of the missing models; ``--merge`` fills the
 cells a run did not measure from earlier runs' JSON, marks them (†) and computes every GKA / DeiT ratio from
@@ -17,13 +18,14 @@ cells of one run only.
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import os
 import pathlib
 import statistics
 import sys
 import time
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -44,8 +46,25 @@ INFER_BATCH = {224: 256, 512: 64, 1024: 16, 2048: 4, 4096: 1}
 TRAIN_BATCH = {224: 128, 512: 32, 1024: 8, 2048: 2, 4096: 1}
 
 
-def build(name: str, img_size: int, device, compile_model: bool = False):
-    model = timm.create_model(name, img_size=img_size, num_classes=1000).to(device)
+def model_spec(spec: str) -> Tuple[str, Dict]:
+    """'name' or 'name@key=value[,key=value]' (values as Python literals): a registered model built with other
+    arguments, e.g. gka_small@num_iter=10, timed beside the default in the same run."""
+    name, _, extra = spec.partition('@')
+    kwargs = {}
+    for item in filter(None, extra.split(',')):
+        key, eq, value = item.partition('=')
+        if not eq or not key.isidentifier():
+            raise SystemExit(f'model spec {spec!r}: expected name@key=value[,key=value]')
+        try:
+            kwargs[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            raise SystemExit(f'model spec {spec!r}: {value!r} is not a Python literal') from None
+    return name, kwargs
+
+
+def build(spec: str, img_size: int, device, compile_model: bool = False):
+    name, kwargs = model_spec(spec)
+    model = timm.create_model(name, img_size=img_size, num_classes=1000, **kwargs).to(device)
     return torch.compile(model) if compile_model else model
 
 

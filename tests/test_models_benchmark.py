@@ -50,3 +50,15 @@ def test_results_record_the_code_and_switches(monkeypatch):
         changed = subprocess.run(['git', 'status', '--porcelain', '--', 'kernels', 'gka_vision'], cwd=provenance.ROOT,
                                  capture_output=True, text=True).stdout.strip()
         assert p['commit'].endswith('+dirty') == bool(changed)
+
+
+def test_model_specs_pass_arguments_to_timm():
+    """name@key=value builds the registered model with other arguments (decision data: e.g. fewer iterations)."""
+    import pytest
+    assert mb.model_spec('gka_small') == ('gka_small', {})
+    assert mb.model_spec('gka_small@num_iter=10,ridge_ratio=0.05') == ('gka_small', dict(num_iter=10, ridge_ratio=0.05))
+    model = mb.build('gka_tiny@num_iter=3,depth=1', 32, 'cpu')
+    assert len(model.blocks) == 1 and model.blocks[0].mixer.num_iter == 3
+    for bad in ('gka_small@num_iter', 'gka_small@num_iter=ten', 'gka_small@1x=2'):
+        with pytest.raises(SystemExit, match='model spec'):
+            mb.model_spec(bad)

@@ -323,3 +323,39 @@ def test_mixer_rebuilds_qkv_in_backward_bf16(monkeypatch):
     assert torch.equal(y1, y0)
     for k, gr in g0.items():
         assert rel_rmse(g1[k], gr) < 1e-3, (k, rel_rmse(g1[k], gr))
+
+
+def test_patch_gemm_on_cuda_matches_the_convolution(monkeypatch):
+    """gka_small's patch embedding on the GPU runs as a GEMM by default (models/patch_embed.py) and gives cuDNN's
+    convolution: in fp32 (cuDNN's TF32 off) within fp32 rounding, under bf16 autocast within the output's rounding;
+    gradients too."""
+    import timm
+    import gka_vision  # noqa: F401
+    from gka_vision.models.patch_embed import PatchConv2d
+    torch.manual_seed(0)
+    pe = timm.create_model('gka_small', img_size=256, depth=1, num_iter=2).patch_embed.to(DEV)
+    assert isinstance(pe.proj, PatchConv2d)
+    x = torch.randn(4, 3, 256, 256, device=DEV, requires_grad=True)
+    monkeypatch.setattr(torch.backends.cudnn, 'allow_tf32', False)
+    linear, calls = torch.nn.functional.linear, []
+    monkeypatch.setattr(torch.nn.functional, 'linear', lambda *a: calls.append(1) or linear(*a))
+    for amp in (False, True):
+        out = {}
+        for switch in ('0', None):
+            if switch is None:
+                monkeypatch.delenv('GKA_PATCH_GEMM')
+            else:
+                monkeypatch.setenv('GKA_PATCH_GEMM', switch)
+            calls.clear()
+            with torch.autocast('cuda', dtype=torch.bfloat16, enabled=amp):
+                y = pe(x)
+            dy = torch.ones_like(y)
+            grads = torch.autograd.grad(y, [x, pe.proj.weight, pe.proj.bias], dy)
+            out[switch] = (len(calls), y, grads)
+        (n_conv, y_conv, g_conv), (n_gemm, y_gemm, g_gemm) = out['0'], out[None]
+        assert (n_conv, n_gemm) == (0, 1)
+        assert y_gemm.dtype == y_conv.dtype and y_gemm.shape == y_conv.shape
+        tol = 8e-3 if amp else 1e-5
+        assert rel_rmse(y_gemm, y_conv) < tol
+        for a, b in zip(g_gemm, g_conv):
+            assert rel_rmse(a, b) < tol

@@ -498,9 +498,10 @@ def test_mixer_casts_the_normalised_grid_once_under_autocast(monkeypatch):
     the same gradients, and one saved [B, Hg, Wg, d] bf16 copy per block instead of three."""
     from gka_vision import layers
     torch.manual_seed(0)
-    m = timm.create_model('gka_tiny_cross', img_size=32, patch_size=8, depth=2, num_iter=4, num_classes=5)
+    # 4-px patches: the patch GEMM's input [tokens, 3·p²] is then not [tokens, d]-shaped (as 8-px patches would be)
+    m = timm.create_model('gka_tiny_cross', img_size=32, patch_size=4, depth=2, num_iter=4, num_classes=5)
     x = torch.randn(2, 3, 32, 32)
-    tokens = 2 * 4 * 4
+    tokens = 2 * 8 * 8
 
     def step():
         saved = []
