@@ -1,10 +1,10 @@
 """Inference activation memory of the CUDA code path, emulated on a CPU.
 
 The Triton kernels run under TRITON_INTERPRET=1 with their launches turned into no-ops (only the tensors the code
-allocates matter here, not their values), the fused glue is forced on as on CUDA, and tests/live_bytes.py counts
-live tensor bytes under bf16 autocast. The peak is what benchmarks/models.py measures on the GPU as activation
-memory (peak allocated minus weights and inputs), up to ops that differ between CPU and CUDA: on 2026-11-29 the
-emulation read 808 MiB for DeiT-S and 1,011 / 1,131 MiB for gka_small (64 / 256 MB state cap) at 1024 px, batch
+allocates matter here, not their values), the fused glue, LayerNorm and patch GEMM are forced on as on CUDA, and
+tests/live_bytes.py counts live tensor bytes under bf16 autocast. The peak is what benchmarks/models.py measures on
+the GPU as activation memory (peak allocated minus weights and inputs), up to ops that differ between CPU and CUDA:
+on 2026-11-29 the emulation read 808 MiB for DeiT-S and 1,011 / 1,131 MiB for gka_small (64 / 256 MB state cap) at 1024 px, batch
 16, where the H200 measured 768, 901 and 1,024 MiB; differences between two versions of our code matched to a few
 MiB. Use it to find what is alive at the peak and to check a memory change before a GPU run confirms it.
 
@@ -22,6 +22,8 @@ import time
 os.environ.setdefault('TRITON_INTERPRET', '1')
 os.environ.setdefault('GKA_BACKEND', 'triton')
 os.environ.setdefault('GKA_FUSED_GLUE', '1')
+os.environ.setdefault('GKA_FUSED_NORM', '1')
+os.environ.setdefault('GKA_PATCH_GEMM', '1')
 
 import torch  # noqa: E402
 

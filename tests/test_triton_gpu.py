@@ -359,3 +359,31 @@ def test_patch_gemm_on_cuda_matches_the_convolution(monkeypatch):
         assert rel_rmse(y_gemm, y_conv) < tol
         for a, b in zip(g_gemm, g_conv):
             assert rel_rmse(a, b) < tol
+
+
+@pytest.mark.parametrize('width,with_add', [(384, True), (768, False), (192, True)])
+def test_fused_layer_norm_bf16(monkeypatch, width, with_add):
+    """The blocks' fused residual add + LayerNorm + cast (models/add_norm.py, the default on CUDA under autocast)
+    against the PyTorch ops it replaces, at gka_small's 1024-px row count: the sum bit for bit, the normalised rows
+    within bf16 rounding, gradients within fp32 (bf16 for the branch's) rounding."""
+    from gka_vision.models.add_norm import add_layer_norm, layer_norm_cast
+    torch.manual_seed(0)
+    norm = torch.nn.LayerNorm(width, eps=1e-6).to(DEV)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.normal_()
+    x = (torch.randn(8, 4096, width, device=DEV) * 3 + 1).requires_grad_()
+    y = torch.randn(8, 4096, width, device=DEV).bfloat16().requires_grad_() if with_add else None
+    ds, dh = torch.randn_like(x), torch.randn_like(x)
+    inputs = [x] + ([y] if with_add else []) + [norm.weight, norm.bias]
+    with torch.autocast('cuda', dtype=torch.bfloat16):
+        s, h = add_layer_norm(x, y, norm) if with_add else (x, layer_norm_cast(x, norm))
+    s_ref = x + y if with_add else x
+    h_ref = norm(s_ref).bfloat16()
+    assert h.dtype == torch.bfloat16 and torch.equal(s, s_ref)
+    assert rel_rmse(h, h_ref) < 4e-3
+    got = torch.autograd.grad((h.float() * dh).sum() + (s * ds).sum(), inputs)
+    ref = torch.autograd.grad((h_ref.float() * dh).sum() + (s_ref * ds).sum(), inputs)
+    for a, b in zip(got, ref):
+        assert a.dtype == b.dtype
+        assert rel_rmse(a, b) < (4e-3 if a.dtype == torch.bfloat16 else 1e-5), rel_rmse(a, b)

@@ -31,6 +31,7 @@ from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_c
 from timm.models import register_notrace_function
 from timm.models._features import feature_take_indices
 
+from .add_norm import add_layer_norm
 from .mixer import GKAMixer
 from .patch_embed import GemmPatchEmbed
 from .scan import block_directions, check_scan
@@ -140,9 +141,10 @@ class GKABlock(nn.Module):
         self.drop_path2 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.drop_path1(self.mixer(x, self.norm1))   # the mixer applies norm1 (GKAMixer.forward)
-        x = x + self.drop_path2(self.mlp(self.norm2(x)))
-        return x
+        # the mixer applies norm1 (GKAMixer.forward); the residual add and norm2 are one kernel on CUDA under
+        # autocast (add_norm.py)
+        x, h = add_layer_norm(x, self.drop_path1(self.mixer(x, self.norm1)), self.norm2)
+        return x + self.drop_path2(self.mlp(h))
 
 
 class GKANet(nn.Module):

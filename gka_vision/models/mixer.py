@@ -22,6 +22,7 @@ from timm.layers import register_notrace_module
 from gka_kernels import gka_chunk
 
 from ..layers import BETA_EPS, L2_EPS, GatedRMSNorm, autocast_fanout, forget_gate_log_decay, init_forget_gate
+from .add_norm import layer_norm_cast
 from .scan import DIRECTIONS, scan_index
 
 __all__ = ['GKAMixer']
@@ -174,7 +175,7 @@ class GKAMixer(nn.Module):
         normalised grid is referenced only by this frame and is dropped before the kernel runs (without autograd:
         it is fp32 under autocast, 96 MiB of gka_small's inference peak at 1024 px, batch 16)."""
         if norm is not None:
-            x = norm(x)
+            x = layer_norm_cast(x, norm)   # on CUDA under autocast already in bf16 (add_norm.py)
         B, Hg, Wg, C = x.shape
         L = Hg * Wg
         n, H, D = self.num_dir, self.num_heads, self.head_dim
