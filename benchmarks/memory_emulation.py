@@ -1,12 +1,13 @@
 """Inference activation memory of the CUDA code path, emulated on a CPU.
 
 The Triton kernels run under TRITON_INTERPRET=1 with their launches turned into no-ops (only the tensors the code
-allocates matter here, not their values), the fused glue, LayerNorm and patch GEMM are forced on as on CUDA, and
-tests/live_bytes.py counts live tensor bytes under bf16 autocast. The peak is what benchmarks/models.py measures on
-the GPU as activation memory (peak allocated minus weights and inputs), up to ops that differ between CPU and CUDA:
-on 2026-11-29 the emulation read 808 MiB for DeiT-S and 1,011 / 1,131 MiB for gka_small (64 / 256 MB state cap) at 1024 px, batch
-16, where the H200 measured 768, 901 and 1,024 MiB; differences between two versions of our code matched to a few
-MiB. Use it to find what is alive at the peak and to check a memory change before a GPU run confirms it.
+allocates matter here, not their values), the fused glue and patch GEMM are forced on as on CUDA (and the fused
+LayerNorm for inference, its CUDA default), and tests/live_bytes.py counts live tensor bytes under bf16 autocast.
+The peak is what benchmarks/models.py measures on the GPU as activation memory (peak allocated minus weights and
+inputs), up to ops that differ between CPU and CUDA: on 2026-11-29 the emulation read 808 MiB for DeiT-S and 1,011 /
+1,131 MiB for gka_small (64 / 256 MB state cap) at 1024 px, batch 16, where the H200 measured 768, 901 and 1,024
+MiB; differences between two versions of our code matched to a few MiB. Use it to find what is alive at the peak and
+to check a memory change before a GPU run confirms it.
 
     python benchmarks/memory_emulation.py --models gka_small deit_small_patch16_224 --size 1024 --batch 16 --top 12
     python benchmarks/memory_emulation.py --models gka_small --size 512 --batch 8 --mode train --group 12
@@ -22,7 +23,6 @@ import time
 os.environ.setdefault('TRITON_INTERPRET', '1')
 os.environ.setdefault('GKA_BACKEND', 'triton')
 os.environ.setdefault('GKA_FUSED_GLUE', '1')
-os.environ.setdefault('GKA_FUSED_NORM', '1')
 os.environ.setdefault('GKA_PATCH_GEMM', '1')
 
 import torch  # noqa: E402
@@ -53,9 +53,15 @@ def measure(name: str, size: int, batch: int, mode: str = 'infer') -> LiveBytes:
     y = torch.randint(0, model.num_classes, (batch,))
     keep = list(model.parameters()) + list(model.buffers()) + [x, y]
     if mode == 'infer':
-        with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16), LiveBytes(keep) as lb:
-            out = model(x)
-            del out
+        flag = os.environ.get('GKA_FUSED_NORM')
+        os.environ['GKA_FUSED_NORM'] = flag or '1'   # on CUDA the default without autograd (add_norm.py)
+        try:
+            with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16), LiveBytes(keep) as lb:
+                out = model(x)
+                del out
+        finally:
+            if flag is None:
+                del os.environ['GKA_FUSED_NORM']
         return lb
     with LiveBytes(keep) as lb:
         with torch.autocast('cpu', dtype=torch.bfloat16):

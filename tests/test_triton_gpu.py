@@ -363,10 +363,11 @@ def test_patch_gemm_on_cuda_matches_the_convolution(monkeypatch):
 
 @pytest.mark.parametrize('width,with_add', [(384, True), (768, False), (192, True)])
 def test_fused_layer_norm_bf16(monkeypatch, width, with_add):
-    """The blocks' fused residual add + LayerNorm + cast (models/add_norm.py, the default on CUDA under autocast)
-    against the PyTorch ops it replaces, at gka_small's 1024-px row count: the sum bit for bit, the normalised rows
-    within bf16 rounding, gradients within fp32 (bf16 for the branch's) rounding."""
+    """The blocks' fused residual add + LayerNorm + cast (models/add_norm.py, the default for CUDA inference under
+    autocast, opt-in in training) against the PyTorch ops it replaces, at gka_small's 1024-px row count: the sum
+    bit for bit, the normalised rows within bf16 rounding, gradients within fp32 (bf16 for the branch's) rounding."""
     from gka_vision.models.add_norm import add_layer_norm, layer_norm_cast
+    monkeypatch.setenv('GKA_FUSED_NORM', '1')   # with autograd the kernels are opt-in
     torch.manual_seed(0)
     norm = torch.nn.LayerNorm(width, eps=1e-6).to(DEV)
     with torch.no_grad():
@@ -387,3 +388,27 @@ def test_fused_layer_norm_bf16(monkeypatch, width, with_add):
     for a, b in zip(got, ref):
         assert a.dtype == b.dtype
         assert rel_rmse(a, b) < (4e-3 if a.dtype == torch.bfloat16 else 1e-5), rel_rmse(a, b)
+
+
+def test_fused_layer_norm_is_the_inference_default(monkeypatch):
+    """gka_small on CUDA under bf16 autocast: the fused LayerNorm runs without autograd (norm1 and the add + norm2
+    of every block) and not in a training step, and inference gives the PyTorch ops' output within bf16 rounding."""
+    import timm
+    import gka_vision  # noqa: F401
+    import gka_vision.models.add_norm as an
+    calls = []
+    fused = an._fused
+    monkeypatch.setattr(an, '_fused', lambda *a: calls.append(1) or fused(*a))
+    torch.manual_seed(0)
+    m = timm.create_model('gka_small', img_size=128, depth=2, num_classes=10).to(DEV)
+    x = torch.randn(4, 3, 128, 128, device=DEV)
+    with torch.no_grad(), torch.autocast('cuda', dtype=torch.bfloat16):
+        y = m.eval()(x)
+        assert len(calls) == 4
+        monkeypatch.setenv('GKA_FUSED_NORM', '0')
+        y_ref = m(x)
+    assert len(calls) == 4 and rel_rmse(y, y_ref) < 1e-2
+    monkeypatch.delenv('GKA_FUSED_NORM')
+    with torch.autocast('cuda', dtype=torch.bfloat16):
+        m.train()(x).float().sum().backward()
+    assert len(calls) == 4

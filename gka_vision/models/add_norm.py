@@ -9,9 +9,12 @@ the casts most of 2.0; benchmarks/KERNEL_NOTES.md). Here one program reads a blo
 normalised rows from the saved sum and its per-row mean and 1/std, and gives the residual and the branch their
 gradients in one pass; the weight and bias gradients are summed from per-program partial sums.
 
-Used on CUDA under autocast for fp32 rows and nn.LayerNorm / timm LayerNorm modules; anywhere else (CPU, no
-autocast, torch.compile, which fuses these passes itself) the PyTorch ops run. ``GKA_FUSED_NORM=0`` keeps the PyTorch
-ops (benchmarks); ``=1`` also runs the kernels under TRITON_INTERPRET=1 on a CPU (tests).
+The default on CUDA without autograd (inference), under autocast, for fp32 rows and nn.LayerNorm / timm LayerNorm
+modules: 6-7 % more images/s for gka_small at 224 and 1024 px on the H200. Anywhere else (CPU, no autocast,
+torch.compile, which fuses these passes itself, and training) the PyTorch ops run. In training the kernels measured
+4 % faster at 1024 px but 12 % slower at 224 px, where gka_small's step is bound by the host (benchmarks/
+KERNEL_NOTES.md v21); ``GKA_FUSED_NORM=1`` runs them there too, and under TRITON_INTERPRET=1 on a CPU (tests).
+``GKA_FUSED_NORM=0`` keeps the PyTorch ops everywhere (benchmarks).
 """
 from __future__ import annotations
 
@@ -144,6 +147,8 @@ def _fused_dtype(x: torch.Tensor, norm: nn.Module) -> Optional[torch.dtype]:
         return None
     if not (x.is_cuda or (flag == '1' and os.environ.get('TRITON_INTERPRET') == '1')):
         return None
+    if flag != '1' and torch.is_grad_enabled() and (x.requires_grad or norm.weight.requires_grad):
+        return None   # training: opt-in (the module docstring says why)
     if type(norm) not in _LAYER_NORMS or len(norm.normalized_shape) != 1 or not norm.elementwise_affine:
         return None
     dev = x.device.type
