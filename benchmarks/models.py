@@ -158,11 +158,17 @@ def _bucket(key: str) -> str:
 
 def profile(name: str, img_size: int, batch: int, device, mode: str = 'infer') -> Dict:
     """Splits one inference forward's (or one training step's) CUDA time into the GKA kernels, the projections
-    (matmuls) and the rest, and keeps the top kernels by time."""
+    (matmuls) and the rest, and keeps the top kernels by time. Also the step's wall time (CUDA events) and the host
+    time to issue it from an idle GPU: kernel time well under the wall time means the GPU waits for the host."""
     from torch.profiler import ProfilerActivity, profile as torch_profile
     step = _step_fn(build(name, img_size, device), batch, img_size, mode, device)
-    for _ in range(3):
+    wall = statistics.median(_time_cuda(step, 3, 5)) * 1e3
+    host = []
+    for _ in range(5):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
         step()
+        host.append((time.perf_counter() - t0) * 1e3)
     torch.cuda.synchronize()
     with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
         step()
@@ -179,6 +185,8 @@ def profile(name: str, img_size: int, batch: int, device, mode: str = 'infer') -
     top = [dict(ms=round(t / 1e3, 3), pct=round(100 * t / total, 1), calls=n, kernel=k)
            for t, n, k in sorted(kernels, reverse=True)[:30]]
     return dict(model=name, img_size=img_size, batch=batch, mode=mode, total_ms=round(total / 1e3, 3),
+                wall_ms=round(wall, 3), host_issue_ms=round(statistics.median(host), 3),
+                gpu_busy_pct=round(100 * total / 1e3 / wall, 1),
                 split_pct={k: round(100 * v / total, 1) for k, v in buckets.items()}, top=top)
 
 

@@ -155,7 +155,8 @@ def _fused_dtype(x: torch.Tensor, norm: nn.Module) -> Optional[torch.dtype]:
     if not (torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev)):
         return None
     dtype = torch.get_autocast_dtype(dev)
-    if x.dtype != torch.float32 or dtype not in (torch.bfloat16, torch.float16) or not x.is_contiguous():
+    if x.dtype != torch.float32 or dtype not in (torch.bfloat16, torch.float16) or not x.is_contiguous() \
+            or x.numel() == 0:
         return None
     if norm.weight.dtype != torch.float32 or x.shape[-1] != norm.normalized_shape[0]:
         return None
