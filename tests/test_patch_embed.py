@@ -121,3 +121,13 @@ def test_models_embed_patches_with_the_gemm():
     assert isinstance(model.patch_embed.proj, PatchConv2d)
     params = dict(model.named_parameters())
     assert params['patch_embed.proj.weight'] is model.patch_embed.proj.weight
+
+
+def test_patch_gemm_leaves_float64_alone_under_autocast():
+    """Autocast does not cast float64 tensors; neither does the GEMM path (so it runs in float64 like the conv)."""
+    conv, gemm = _pair(dict(in_channels=3, out_channels=8, kernel_size=4, stride=4))
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        y, y_ref = gemm(x), conv(x)
+    assert y.dtype == y_ref.dtype == torch.float64
+    assert torch.allclose(y, y_ref, rtol=1e-12, atol=1e-12)

@@ -140,14 +140,15 @@ class _LayerNormFn(torch.autograd.Function):
                 None, None)
 
 
-def _fused_dtype(x: torch.Tensor, norm: nn.Module) -> Optional[torch.dtype]:
-    """The low-precision dtype the fused kernels write for norm(x), or None where the PyTorch ops run."""
+def _fused_dtype(x: torch.Tensor, norm: nn.Module, y: Optional[torch.Tensor] = None) -> Optional[torch.dtype]:
+    """The low-precision dtype the fused kernels write for norm(x [+ y]), or None where the PyTorch ops run."""
     flag = os.environ.get('GKA_FUSED_NORM')
     if flag == '0' or triton is None or torch.compiler.is_compiling():
         return None
     if not (x.is_cuda or (flag == '1' and os.environ.get('TRITON_INTERPRET') == '1')):
         return None
-    if flag != '1' and torch.is_grad_enabled() and (x.requires_grad or norm.weight.requires_grad):
+    needs_grad = x.requires_grad or norm.weight.requires_grad or (y is not None and y.requires_grad)
+    if flag != '1' and torch.is_grad_enabled() and needs_grad:
         return None   # training: opt-in (the module docstring says why)
     if type(norm) not in _LAYER_NORMS or len(norm.normalized_shape) != 1 or not norm.elementwise_affine:
         return None
@@ -178,7 +179,7 @@ def layer_norm_cast(x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
 def add_layer_norm(x: torch.Tensor, y: torch.Tensor, norm: nn.Module) -> Tuple[torch.Tensor, torch.Tensor]:
     """(s, norm(s)) for s = x + y, the residual add and the pre-norm of the next branch; on the fused path norm(s)
     is already in autocast's dtype."""
-    dtype = _fused_dtype(x, norm) if y.shape == x.shape and y.is_contiguous() else None
+    dtype = _fused_dtype(x, norm, y) if y.shape == x.shape and y.is_contiguous() else None
     if dtype is None:
         s = x + y
         return s, norm(s)
