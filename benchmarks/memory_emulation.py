@@ -31,6 +31,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, 'tests'))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from ab import Switch  # noqa: E402
 from live_bytes import LiveBytes, grouped  # noqa: E402
 from provenance import provenance  # noqa: E402
 
@@ -53,15 +54,11 @@ def measure(name: str, size: int, batch: int, mode: str = 'infer') -> LiveBytes:
     y = torch.randint(0, model.num_classes, (batch,))
     keep = list(model.parameters()) + list(model.buffers()) + [x, y]
     if mode == 'infer':
-        flag = os.environ.get('GKA_FUSED_NORM')
-        os.environ['GKA_FUSED_NORM'] = flag or '1'   # on CUDA the default without autograd (add_norm.py)
-        try:
-            with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16), LiveBytes(keep) as lb:
-                out = model(x)
-                del out
-        finally:
-            if flag is None:
-                del os.environ['GKA_FUSED_NORM']
+        # on CUDA the fused LayerNorm is the default without autograd (add_norm.py)
+        with Switch({'GKA_FUSED_NORM': os.environ.get('GKA_FUSED_NORM') or '1'}), torch.no_grad(), \
+                torch.autocast('cpu', dtype=torch.bfloat16), LiveBytes(keep) as lb:
+            out = model(x)
+            del out
         return lb
     with LiveBytes(keep) as lb:
         with torch.autocast('cpu', dtype=torch.bfloat16):

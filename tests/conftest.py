@@ -28,3 +28,18 @@ def _seed(request):
 def pytest_configure(config):
     # Threads beyond the 2 cores of the CI machine only add contention.
     torch.set_num_threads(max(1, min(torch.get_num_threads(), os.cpu_count() or 1)))
+
+
+@pytest.fixture
+def spy(monkeypatch):
+    """spy(owner, name, record=None) wraps owner.name for the test: each call still runs the original and appends
+    record(*args) (1 without a record function) to the list it returns."""
+    def install(owner, name, record=None):
+        calls, original = [], getattr(owner, name)
+
+        def wrapper(*args, **kwargs):
+            calls.append(record(*args) if record is not None else 1)
+            return original(*args, **kwargs)
+        monkeypatch.setattr(owner, name, wrapper)
+        return calls
+    return install

@@ -296,16 +296,14 @@ def test_conv_scan_qkv_under_autocast_matches_conv_then_scan():
         assert a.dtype == b.dtype and rel_rmse(a, b) < 4e-3, (name, rel_rmse(a, b))
 
 
-def test_mixer_rebuilds_qkv_in_backward_bf16(monkeypatch):
+def test_mixer_rebuilds_qkv_in_backward_bf16(monkeypatch, spy):
     """gka_small's mixers in a bf16 training step on the GPU: the kernel's q, k, v rebuilt in the backward
     (scan_qkv.rebuild_qkv_in_backward, the default) give the gradients of keeping them (GKA_REBUILD_QKV=0), up to
     the run-to-run choices of cuBLAS and cuDNN, with one more glue kernel per block in the backward."""
     import timm
     import gka_vision  # noqa: F401
     import gka_vision.models.scan_qkv as sq
-    calls = []
-    scan_fwd = sq._scan_fwd
-    monkeypatch.setattr(sq, '_scan_fwd', lambda *a: calls.append(1) or scan_fwd(*a))
+    calls = spy(sq, '_scan_fwd')
     torch.manual_seed(0)
     m = timm.create_model('gka_small', img_size=128, depth=3, num_classes=10).to(DEV)
     x = torch.randn(4, 3, 128, 128, device=DEV)
@@ -325,7 +323,7 @@ def test_mixer_rebuilds_qkv_in_backward_bf16(monkeypatch):
         assert rel_rmse(g1[k], gr) < 1e-3, (k, rel_rmse(g1[k], gr))
 
 
-def test_patch_gemm_on_cuda_matches_the_convolution(monkeypatch):
+def test_patch_gemm_on_cuda_matches_the_convolution(monkeypatch, spy):
     """gka_small's patch embedding on the GPU runs as a GEMM by default (models/patch_embed.py) and gives cuDNN's
     convolution: in fp32 (cuDNN's TF32 off) within fp32 rounding, under bf16 autocast within the output's rounding;
     gradients too."""
@@ -337,8 +335,7 @@ def test_patch_gemm_on_cuda_matches_the_convolution(monkeypatch):
     assert isinstance(pe.proj, PatchConv2d)
     x = torch.randn(4, 3, 256, 256, device=DEV, requires_grad=True)
     monkeypatch.setattr(torch.backends.cudnn, 'allow_tf32', False)
-    linear, calls = torch.nn.functional.linear, []
-    monkeypatch.setattr(torch.nn.functional, 'linear', lambda *a: calls.append(1) or linear(*a))
+    calls = spy(torch.nn.functional, 'linear')
     for amp in (False, True):
         out = {}
         for switch in ('0', None):
@@ -390,15 +387,13 @@ def test_fused_layer_norm_bf16(monkeypatch, width, with_add):
         assert rel_rmse(a, b) < (4e-3 if a.dtype == torch.bfloat16 else 1e-5), rel_rmse(a, b)
 
 
-def test_fused_layer_norm_is_the_inference_default(monkeypatch):
+def test_fused_layer_norm_is_the_inference_default(monkeypatch, spy):
     """gka_small on CUDA under bf16 autocast: the fused LayerNorm runs without autograd (norm1 and the add + norm2
     of every block) and not in a training step, and inference gives the PyTorch ops' output within bf16 rounding."""
     import timm
     import gka_vision  # noqa: F401
     import gka_vision.models.add_norm as an
-    calls = []
-    fused = an._fused
-    monkeypatch.setattr(an, '_fused', lambda *a: calls.append(1) or fused(*a))
+    calls = spy(an, '_fused')
     torch.manual_seed(0)
     m = timm.create_model('gka_small', img_size=128, depth=2, num_classes=10).to(DEV)
     x = torch.randn(4, 3, 128, 128, device=DEV)

@@ -559,7 +559,7 @@ def test_mixer_with_fused_glue():
 
 
 @cases
-def test_mixer_rebuilds_qkv_in_backward(monkeypatch):
+def test_mixer_rebuilds_qkv_in_backward(monkeypatch, spy):
     """In training with the fused glue the GKA kernel's saved q, k, v are rebuilt from the projection in the backward
     (scan_qkv.rebuild_qkv_in_backward), and the merge's saved output gate from its projection's input: the same
     gradients bit for bit as keeping them (GKA_REBUILD_QKV=0), one more glue kernel and gate projection per block
@@ -570,9 +570,7 @@ def test_mixer_rebuilds_qkv_in_backward(monkeypatch):
     import gka_vision.models.scan_qkv as sq
     monkeypatch.setenv('GKA_FUSED_GLUE', '1')
     monkeypatch.setenv('GKA_BACKEND', 'triton')   # the kernel whose autograd node saves q, k, v themselves
-    calls, linears = [], []
-    scan_fwd, linear = sq._scan_fwd, torch.nn.functional.linear
-    monkeypatch.setattr(sq, '_scan_fwd', lambda *a: calls.append(1) or scan_fwd(*a))
+    calls, linears, linear = spy(sq, '_scan_fwd'), [], torch.nn.functional.linear
     torch.manual_seed(0)
     m = timm.create_model('gka_tiny_cross', img_size=16, patch_size=8, depth=2, num_iter=4, num_classes=5)
     x = torch.randn(2, 3, 16, 16)
@@ -741,13 +739,11 @@ def test_fused_layer_norm_matches_torch(monkeypatch, width, rows, bias, with_add
 
 
 @cases
-def test_fused_layer_norm_only_under_autocast_for_fp32_rows(monkeypatch):
+def test_fused_layer_norm_only_under_autocast_for_fp32_rows(monkeypatch, spy):
     """Without autocast, for bf16 rows, for a LayerNorm subclass or with GKA_FUSED_NORM=0 the PyTorch ops run."""
     import gka_vision.models.add_norm as an
     monkeypatch.setenv('GKA_FUSED_NORM', '1')
-    calls = []
-    fused = an._fused
-    monkeypatch.setattr(an, '_fused', lambda *a: calls.append(1) or fused(*a))
+    calls = spy(an, '_fused')
     norm = torch.nn.LayerNorm(64)
     x, y = torch.randn(3, 64), torch.randn(3, 64)
 
@@ -767,16 +763,14 @@ def test_fused_layer_norm_only_under_autocast_for_fp32_rows(monkeypatch):
 
 
 @cases
-def test_model_with_fused_layer_norm(monkeypatch):
+def test_model_with_fused_layer_norm(monkeypatch, spy):
     """GKA_FUSED_NORM=1 changes only how the blocks compute their residual adds and LayerNorms (fp16 autocast, both
     paths with the fused glue)."""
     import timm
     import gka_vision  # noqa: F401
     import gka_vision.models.add_norm as an
     monkeypatch.setenv('GKA_FUSED_GLUE', '1')
-    calls = []
-    fused = an._fused
-    monkeypatch.setattr(an, '_fused', lambda *a: calls.append(a[1] is not None) or fused(*a))
+    calls = spy(an, '_fused', lambda x, y, *rest: y is not None)
     torch.manual_seed(0)
     m = timm.create_model('gka_tiny', img_size=32, patch_size=8, depth=2, num_iter=4, num_classes=5)
     x = torch.randn(2, 3, 32, 32)

@@ -129,15 +129,14 @@ class _LayerNormFn(torch.autograd.Function):
         dx = torch.empty_like(s)
         want_dy = y_dtype is not None and ctx.needs_input_grad[1]
         dy = torch.empty(M, N, device=s.device, dtype=y_dtype) if want_dy else None
-        dw = torch.empty(grid, N, device=s.device, dtype=torch.float32)
-        db = torch.empty_like(dw)
+        partial = torch.empty(2, grid, N, device=s.device, dtype=torch.float32)   # per program: weight, bias
         ds = ds.reshape(M, N).contiguous() if ds is not None else None
         _bwd[(grid,)](s, weight, mean, rstd, dh.reshape(M, N).contiguous(), ds if ds is not None else s, dx,
-                      dy if dy is not None else dx, dw, db, M, N,
+                      dy if dy is not None else dx, partial[0], partial[1], M, N,
                       HAS_DS=ds is not None, HAS_DY=want_dy, BN=bn, ROWS=rows, num_warps=4)
-        dbias = db.sum(0).to(bias.dtype) if bias is not None else None
-        return (dx.view(shape), dy.view(shape) if dy is not None else None, dw.sum(0).to(weight.dtype), dbias,
-                None, None)
+        dw, db = partial.sum(1)
+        return (dx.view(shape), dy.view(shape) if dy is not None else None, dw.to(weight.dtype),
+                db.to(bias.dtype) if bias is not None else None, None, None)
 
 
 def _fused_dtype(x: torch.Tensor, norm: nn.Module, y: Optional[torch.Tensor] = None) -> Optional[torch.dtype]:
@@ -164,8 +163,7 @@ def _fused_dtype(x: torch.Tensor, norm: nn.Module, y: Optional[torch.Tensor] = N
     return dtype
 
 
-@torch.compiler.disable  # opaque to dynamo (its Triton launches are not traced); never reached while compiling
-def _fused(x, y, norm, dtype):
+def _fused(x, y, norm, dtype):   # never traced by dynamo: _fused_dtype returns None while compiling
     return _LayerNormFn.apply(x, y, norm.weight, norm.bias, norm.eps, dtype)
 
 
