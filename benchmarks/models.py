@@ -48,13 +48,18 @@ TRAIN_BATCH = {224: 128, 512: 32, 1024: 8, 2048: 2, 4096: 1}
 
 def model_spec(spec: str) -> Tuple[str, Dict]:
     """'name' or 'name@key=value[,key=value]' (values as Python literals): a registered model built with other
-    arguments, e.g. gka_small@num_iter=10, timed beside the default in the same run."""
+    arguments, e.g. gka_small@num_iter=10, timed beside the default in the same run. The key ``compile`` is not a
+    model argument: the model is run through torch.compile with that mode (a bare word: default, reduce-overhead,
+    max-autotune-no-cudagraphs), e.g. gka_small@compile=reduce-overhead."""
     name, _, extra = spec.partition('@')
     kwargs = {}
     for item in filter(None, extra.split(',')):
         key, eq, value = item.partition('=')
         if not eq or not key.isidentifier():
             raise SystemExit(f'model spec {spec!r}: expected name@key=value[,key=value]')
+        if key == 'compile':
+            kwargs[key] = value
+            continue
         try:
             kwargs[key] = ast.literal_eval(value)
         except (ValueError, SyntaxError):
@@ -62,10 +67,17 @@ def model_spec(spec: str) -> Tuple[str, Dict]:
     return name, kwargs
 
 
-def build(spec: str, img_size: int, device, compile_model: bool = False):
+def build(spec: str, img_size: int, device, compile_mode: Optional[str] = None):
+    """The model of ``spec``; compiled when the spec or ``compile_mode`` names a torch.compile mode ('default' is
+    torch's default; the spec's wins)."""
     name, kwargs = model_spec(spec)
+    compile_mode = kwargs.pop('compile', compile_mode)
     model = timm.create_model(name, img_size=img_size, num_classes=1000, **kwargs).to(device)
-    return torch.compile(model) if compile_model else model
+    if compile_mode is None:
+        return model
+    # static shapes: one size per model here, and a fresh cache so an earlier model's graphs count for nothing
+    torch._dynamo.reset()
+    return torch.compile(model, mode=None if compile_mode == 'default' else compile_mode, dynamic=False)
 
 
 def _time_cuda(fn, warmup: int, repeats: int) -> List[float]:
@@ -108,12 +120,12 @@ def _step_fn(model, batch: int, img_size: int, mode: str, device):
 
 
 def measure(name: str, img_size: int, batch: int, mode: str, device, warmup: int, repeats: int,
-            compile_model: bool) -> Dict:
+            compile_mode: Optional[str]) -> Dict:
     row = dict(model=name, img_size=img_size, batch=batch, mode=mode)
     model = step = None
     try:
         torch.cuda.empty_cache()
-        model = build(name, img_size, device, compile_model)
+        model = build(name, img_size, device, compile_mode)
         step = _step_fn(model, batch, img_size, mode, device)
         step()  # first call: compilation, optimizer state
         torch.cuda.synchronize()
@@ -289,7 +301,8 @@ def main(argv: Optional[List[str]] = None):
     p.add_argument('--modes', nargs='*', default=['infer', 'train'], choices=['infer', 'train'])
     p.add_argument('--warmup', type=int, default=2)
     p.add_argument('--repeats', type=int, default=5)
-    p.add_argument('--compile', action='store_true', help='torch.compile each model first')
+    p.add_argument('--compile', nargs='?', const='default', default=None, metavar='MODE',
+                   help="torch.compile each model first, in this mode (default: torch's default mode)")
     p.add_argument('--cpu', action='store_true', help='CPU inference at 224 px, batch 1')
     p.add_argument('--profile', metavar='MODEL', help='profile one model at --img-size instead of the sweep')
     p.add_argument('--img-size', type=int, default=1024)

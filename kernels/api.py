@@ -63,6 +63,20 @@ def _pick_backend(backend: Optional[str], q: torch.Tensor, v: torch.Tensor) -> s
     return name
 
 
+# The torch and naive backends are opaque to torch.compile: unrolling their Python loops (Chebyshev steps, chunks or
+# tokens) takes minutes to compile. A graph break each instead; the triton backend is one op in the graph (ops.py).
+@torch.compiler.disable
+def _torch_backend(*args):
+    from .torch_chunk import gka_chunk_torch
+    return gka_chunk_torch(*args)
+
+
+@torch.compiler.disable
+def _naive_backend(*args, **kwargs):
+    from .reference import gka_naive
+    return gka_naive(*args, **kwargs)
+
+
 def gka_chunk(
         q: torch.Tensor,
         k: torch.Tensor,
@@ -109,15 +123,12 @@ def gka_chunk(
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     with autocast_off(q.device.type):
         if name == 'naive':
-            from .reference import gka_naive
-            out = gka_naive(q, k, v, g, alpha, num_iter=num_iter, ridge_ratio=ridge_ratio, scale=scale,
-                            initial_state=initial_state, output_final_state=True)
-            o, state = out
+            o, state = _naive_backend(q, k, v, g, alpha, num_iter=num_iter, ridge_ratio=ridge_ratio, scale=scale,
+                                      initial_state=initial_state, output_final_state=True)
         elif name == 'torch':
-            from .torch_chunk import gka_chunk_torch
             C = chunk_size or _torch_chunk_size(q, (q, k, v, g, alpha) + tuple(initial_state or ()))
-            o, state = gka_chunk_torch(q, k, v, g, alpha, num_iter, ridge_ratio, scale, C, initial_state,
-                                       output_final_state)
+            o, state = _torch_backend(q, k, v, g, alpha, num_iter, ridge_ratio, scale, C, initial_state,
+                                      output_final_state)
         else:
             from .triton import gka_chunk_triton
             o, state = gka_chunk_triton(q, k, v, g, alpha, num_iter=num_iter, ridge_ratio=ridge_ratio,

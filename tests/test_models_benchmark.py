@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+import torch
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, 'benchmarks'))
 
@@ -59,6 +61,11 @@ def test_model_specs_pass_arguments_to_timm():
     assert mb.model_spec('gka_small@num_iter=10,ridge_ratio=0.05') == ('gka_small', dict(num_iter=10, ridge_ratio=0.05))
     model = mb.build('gka_tiny@num_iter=3,depth=1', 32, 'cpu')
     assert len(model.blocks) == 1 and model.blocks[0].mixer.num_iter == 3
+    # compile=MODE is a torch.compile mode, not a model argument
+    assert mb.model_spec('gka_small@compile=reduce-overhead,num_iter=10') == (
+        'gka_small', {'compile': 'reduce-overhead', 'num_iter': 10})
+    compiled = mb.build('gka_tiny@depth=1,compile=default', 32, 'cpu')
+    assert isinstance(compiled, torch._dynamo.eval_frame.OptimizedModule) and len(compiled._orig_mod.blocks) == 1
     for bad in ('gka_small@num_iter', 'gka_small@num_iter=ten', 'gka_small@1x=2'):
         with pytest.raises(SystemExit, match='model spec'):
             mb.model_spec(bad)

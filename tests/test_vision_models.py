@@ -533,11 +533,12 @@ def test_torch_compile_matches_eager():
     ref.square().mean().backward()
     g_ref = {n: p.grad.clone() for n, p in m.named_parameters()}
     m.zero_grad()
-    # The kernel call is opaque to dynamo (one graph break per mixer); everything around it is captured.
+    # The torch backend (the CPU's) is opaque to dynamo (one graph break per mixer); everything around it is
+    # captured. The triton backend compiles without a break (test_triton_interpret.py).
     # aot_eager runs dynamo + AOT autograd (what inductor consumes) without minutes of C++ codegen on 2 cores.
     explained = torch._dynamo.explain(m)(x)
     reasons = [r.reason for r in explained.break_reasons]
-    assert reasons and all('_gka_kernel' in r for r in reasons), reasons
+    assert reasons and all('_torch_backend' in r for r in reasons), reasons
     torch._dynamo.reset()
     cm = torch.compile(m, backend='aot_eager')
     y = cm(x)
