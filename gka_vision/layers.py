@@ -89,6 +89,14 @@ class _CastFanout(torch.autograd.Function):
         return total, None, None
 
 
+def autocast_enabled(device_type: str) -> bool:
+    """torch.is_autocast_enabled for any device type, False where autocast has no state at all (meta). cuda and cpu
+    are asked directly: dynamo (torch 2.11) cannot trace torch.amp.is_autocast_available."""
+    if device_type in ('cuda', 'cpu') or torch.amp.is_autocast_available(device_type):
+        return torch.is_autocast_enabled(device_type)
+    return False
+
+
 def autocast_fanout(x: torch.Tensor, n: int):
     """x for n layers that autocast would each cast to its low-precision dtype: autocast caches only the casts of
     parameters, so every Linear would cast (and, in training, save) its own copy of an activation. Here it is cast
@@ -97,8 +105,8 @@ def autocast_fanout(x: torch.Tensor, n: int):
     dev = x.device.type
     if os.environ.get('GKA_CAST_FANOUT') == '0':   # benchmarks: autocast's own per-Linear casts
         return (x,) * n
-    # autocast leaves float64 alone, and has no state at all on some devices (meta)
-    if not torch.amp.is_autocast_available(dev) or not torch.is_autocast_enabled(dev) \
+    # autocast leaves float64 alone
+    if not autocast_enabled(dev) \
             or x.dtype in (torch.get_autocast_dtype(dev), torch.float64) or not x.is_floating_point():
         return (x,) * n
     dtype = torch.get_autocast_dtype(dev)

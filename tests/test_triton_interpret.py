@@ -564,8 +564,7 @@ def test_mixer_rebuilds_qkv_in_backward(monkeypatch, spy):
     (scan_qkv.rebuild_qkv_in_backward), and the merge's saved output gate from its projection's input: the same
     gradients bit for bit as keeping them (GKA_REBUILD_QKV=0), one more glue kernel and gate projection per block
     in the backward; under activation checkpointing (whose saved-tensor hooks come
-    first) no rebuild and the same gradients; and under torch.compile (one graph: the kernel is an op there) the
-    PyTorch glue for inductor to fuse, no rebuild, and the same gradients."""
+    first) no rebuild and the same gradients; and under torch.compile the rebuild as in eager mode."""
     import timm
     import gka_vision  # noqa: F401
     import gka_vision.models.scan_qkv as sq
@@ -601,9 +600,11 @@ def test_mixer_rebuilds_qkv_in_backward(monkeypatch, spy):
     for k, gr in g0.items():
         assert torch.equal(g1[k], gr), k
         assert rel_rmse(g2[k], gr) < 1e-6, k
-    # under torch.compile: same gradients up to inductor's fp16 rounding (measured 2.3e-3 against eager)
+    # under torch.compile the kernel call with the rebuild is fenced off from dynamo (saved-tensor hooks are not
+    # traced): still rebuilt, same gradients up to inductor's fp16 rounding (measured 2.3e-3 against eager; a wrong
+    # rebuild is O(1))
     torch._dynamo.reset()
-    compiled = torch.compile(m, fullgraph=True)
+    compiled = torch.compile(m)
 
     def compiled_step():
         m.zero_grad(set_to_none=True)
@@ -616,7 +617,7 @@ def test_mixer_rebuilds_qkv_in_backward(monkeypatch, spy):
     monkeypatch.setenv('GKA_REBUILD_QKV', '1')
     m.set_grad_checkpointing(False)
     n3, y3, g3 = compiled_step()
-    assert n3 == 0 and rel_rmse(y3.float(), y0.float()) < 1e-2
+    assert n3 == 4 and rel_rmse(y3.float(), y0.float()) < 1e-2
     for k, gr in g0.items():
         assert rel_rmse(g3[k], gr) < 1e-2, (k, rel_rmse(g3[k], gr))
     torch._dynamo.reset()
@@ -849,9 +850,8 @@ def test_triton_backend_compiles_as_one_graph():
 
 @cases
 def test_model_compiles_as_one_graph(monkeypatch):
-    """A GKA backbone on the triton backend compiles without a graph break (torch.compile(fullgraph=True)), and
-    the compiled forward and parameter gradients match eager's PyTorch glue; eager's fused glue is not in the
-    graph (its kernels are not ops), the PyTorch glue is."""
+    """A GKA backbone on the triton backend with the PyTorch glue compiles without a graph break
+    (torch.compile(fullgraph=True)), and the compiled forward and parameter gradients match eager."""
     import timm
     import gka_vision  # noqa: F401
     monkeypatch.setenv('GKA_BACKEND', 'triton')
@@ -867,7 +867,6 @@ def test_model_compiles_as_one_graph(monkeypatch):
         return y.detach(), {k: p.grad.clone() for k, p in m.named_parameters()}
 
     y0, g0 = run(m)
-    monkeypatch.setenv('GKA_FUSED_GLUE', '1')   # would run the glue kernels in eager; not under compile
     torch._dynamo.reset()
     y1, g1 = run(torch.compile(m, fullgraph=True, backend='aot_eager'))
     torch._dynamo.reset()

@@ -26,6 +26,8 @@ import torch.nn as nn
 from timm.layers import LayerNorm as TimmLayerNorm
 from timm.models import register_notrace_function
 
+from ..layers import autocast_enabled
+
 try:
     import triton
     import triton.language as tl
@@ -152,7 +154,7 @@ def _fused_dtype(x: torch.Tensor, norm: nn.Module, y: Optional[torch.Tensor] = N
     if type(norm) not in _LAYER_NORMS or len(norm.normalized_shape) != 1 or not norm.elementwise_affine:
         return None
     dev = x.device.type
-    if not (torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev)):
+    if not autocast_enabled(dev):
         return None
     dtype = torch.get_autocast_dtype(dev)
     if x.dtype != torch.float32 or dtype not in (torch.bfloat16, torch.float16) or not x.is_contiguous() \

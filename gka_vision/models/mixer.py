@@ -28,10 +28,9 @@ from .scan import DIRECTIONS, scan_index
 __all__ = ['GKAMixer']
 
 
+@torch.compiler.disable   # under torch.compile only with the rebuild: saved-tensor hooks are not traced
 def _gka_kernel(q, k, v, g, alpha, num_iter: int, ridge_ratio: float, backend: Optional[str],
                 rebuild_from: Optional[tuple] = None) -> torch.Tensor:
-    # Eager only: under torch.compile the mixer calls gka_chunk itself (one op in the graph), and saved-tensor
-    # hooks are not traced.
     # rebuild_from: conv_scan_qkv's inputs, from which the backward rebuilds q, k, v rather than keeping them.
     rebuild = contextlib.nullcontext()
     if rebuild_from is not None:
@@ -49,9 +48,6 @@ def _fused_glue(x: torch.Tensor, head_dim: int) -> bool:
     # keeps the PyTorch glue; =1 also runs the kernels under TRITON_INTERPRET=1 on a CPU (tests).
     flag = os.environ.get('GKA_FUSED_GLUE')
     if flag == '0' or (flag != '1' and not x.is_cuda):
-        return False
-    if torch.compiler.is_compiling():
-        # inductor fuses the PyTorch glue itself; the glue kernels are not ops and would each break the graph
         return False
     from .merge_norm import fused_glue_supported   # imports triton only here
     return fused_glue_supported(x, head_dim)
@@ -253,8 +249,10 @@ class GKAMixer(nn.Module):
             # Meta tensors carry shapes only (timm builds models on 'meta' to check structure): skip the kernel's
             # value checks and emit its output shape [B·n, L, H, D].
             o = torch.empty_like(v)
-        elif torch.compiler.is_compiling():
-            # one op in the compiled graph (gka_kernels' Triton ops; the torch backend fences itself off)
+        elif torch.compiler.is_compiling() and rebuild_from is None:
+            # one op in the compiled graph (gka_kernels' Triton ops; the torch backend fences itself off). With
+            # the PyTorch glue (GKA_FUSED_GLUE=0, or off CUDA) the whole model is one graph; the fused glue's
+            # kernels are not ops, and each is a graph break.
             o = gka_chunk(q, k, v, g, alpha, num_iter=self.num_iter, ridge_ratio=self.ridge_ratio,
                           backend=self.backend, check_values=False)
         else:

@@ -18,6 +18,8 @@ import torch.nn.functional as F
 from timm.layers import PatchEmbed
 from timm.models import register_notrace_module
 
+from ..layers import autocast_enabled
+
 __all__ = ['PatchConv2d', 'GemmPatchEmbed']
 
 
@@ -44,7 +46,7 @@ class PatchConv2d(nn.Conv2d):
         gh, gw = H // ph, W // pw
         dev = x.device.type
         # cast before the patch copy, as F.linear under autocast would after it: half the bytes moved
-        if torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev) \
+        if autocast_enabled(dev) \
                 and x.dtype in (torch.float32, torch.float16, torch.bfloat16):   # autocast leaves float64 alone
             x = x.to(torch.get_autocast_dtype(dev))
         # a strided conv drops the pixels past the last whole patch
