@@ -9,6 +9,7 @@ one process can alternate them.
 
     python benchmarks/ab.py --variants default STATE_PAIR=0 --out /tmp/ab
     python benchmarks/ab.py --variants default FAST_ITERS=17 --models gka_small --sizes 224 --modes infer
+    python benchmarks/ab.py --specs gka_small gka_small@compile=reduce-overhead --sizes 224 --modes train
 """
 from __future__ import annotations
 
@@ -70,11 +71,16 @@ def _time(fn: Callable[[], object], iters: int) -> float:
     return start.elapsed_time(end) / iters
 
 
-def peak_gib(step: Callable[[], object], variants: List[Dict[str, str]]) -> List[float]:
+def _per_variant(step, variants):
+    """One step per variant: ``step`` is one callable for all, or a list of them (one model per variant)."""
+    return step if isinstance(step, list) else [step] * len(variants)
+
+
+def peak_gib(step, variants: List[Dict[str, str]]) -> List[float]:
     """Peak memory of one call of step above what was allocated before it, per variant (GiB): the activation
     memory for a model step, as benchmarks/models.py measures it."""
     out = []
-    for env in variants:
+    for step, env in zip(_per_variant(step, variants), variants):
         with Switch(env):
             torch.cuda.synchronize()
             base = torch.cuda.memory_allocated()
@@ -85,21 +91,23 @@ def peak_gib(step: Callable[[], object], variants: List[Dict[str, str]]) -> List
     return out
 
 
-def interleave(step: Callable[[], object], variants: List[Dict[str, str]], rounds: int, iters: int,
+def interleave(step, variants: List[Dict[str, str]], rounds: int, iters: int,
                warmup: int = 3) -> List[List[float]]:
-    """ms per call of step under each variant, one list of rounds per variant (rotated order each round)."""
-    for env in variants:   # compile each variant's kernels before any timing
+    """ms per call of step under each variant, one list of rounds per variant (rotated order each round). step:
+    one callable, or one per variant."""
+    steps = _per_variant(step, variants)
+    for fn, env in zip(steps, variants):   # compile each variant's kernels before any timing
         with Switch(env):
             for _ in range(warmup):
-                step()
+                fn()
     torch.cuda.synchronize()
     times = [[] for _ in variants]
     for r in range(rounds):
         order = [(r + i) % len(variants) for i in range(len(variants))]
         for i in order:
             with Switch(variants[i]):
-                step()   # one untimed call after the switch
-                times[i].append(_time(step, iters))
+                steps[i]()   # one untimed call after the switch
+                times[i].append(_time(steps[i], iters))
     return times
 
 
@@ -152,6 +160,9 @@ def main(argv: Optional[List[str]] = None):
     p.add_argument('--shapes', nargs='*', default=KERNEL_SHAPES, help='kernel shapes B,T,H,D (none: skip)')
     p.add_argument('--kernel-modes', nargs='+', default=['fwd', 'fwdbwd'], choices=['fwd', 'fwdbwd'])
     p.add_argument('--models', nargs='*', default=[], help='timm model names timed whole (none: skip)')
+    p.add_argument('--specs', nargs='*', default=[],
+                   help="instead of --variants: models.py specs timed against each other, the first the baseline, "
+                        "e.g. gka_small gka_small@compile=reduce-overhead (one model each)")
     p.add_argument('--sizes', nargs='+', type=int, default=[224, 1024])
     p.add_argument('--modes', nargs='+', default=['infer'], choices=['infer', 'train'])
     p.add_argument('--rounds', type=int, default=7)
@@ -165,19 +176,34 @@ def main(argv: Optional[List[str]] = None):
     out.mkdir(parents=True, exist_ok=True)
     rows: List[Dict] = []
 
+    names = args.variants
+    if args.specs:
+        names, variants = args.specs, [{} for _ in args.specs]
+
     def record(case, step, memory=False):
         times = interleave(step, variants, args.rounds, args.iters)
-        new = summarise(case, args.variants, times, peak_gib(step, variants) if memory else None)
+        new = summarise(case, names, times, peak_gib(step, variants) if memory else None)
         for r in new:
             print(json.dumps(r), flush=True)
         rows.extend(new)
 
-    for shape in args.shapes:
+    for shape in ([] if args.specs else args.shapes):
         for mode in args.kernel_modes:
             if mode == 'fwdbwd' and shape.endswith(',128') and 'fwd' in args.kernel_modes:
                 continue   # the D = 128 target is the forward's
             record(f"gka_chunk {shape.replace(',', ' ')} {mode}", kernel_step(shape, mode))
-    if args.models:
+    if args.specs:
+        import models as mb
+        for size in args.sizes:
+            for mode in args.modes:
+                batch = (mb.INFER_BATCH if mode == 'infer' else mb.TRAIN_BATCH)[size]
+                built = [mb.build(spec, size, 'cuda') for spec in args.specs]
+                steps = [mb._step_fn(m, batch, size, mode, 'cuda') for m in built]
+                record(f'{size}px b{batch} {mode}', steps, memory=True)
+                del built, steps
+                torch._dynamo.reset()
+                torch.cuda.empty_cache()
+    if args.models and not args.specs:
         import models as mb
         for name in args.models:
             for size in args.sizes:
