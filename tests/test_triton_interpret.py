@@ -873,3 +873,48 @@ def test_model_compiles_as_one_graph(monkeypatch):
     assert rel_rmse(y1, y0) < 1e-6
     for k, gr in g0.items():
         assert rel_rmse(g1[k], gr) < 1e-5, k
+
+
+@cases
+def test_decode_step_compiles_as_one_graph():
+    """gka_step on the triton backend under torch.compile(fullgraph=True) is the ``step`` op (opcheck: schema and
+    shape function), with and without a state, and equals eager."""
+    from gka_kernels.triton.ops import step
+    torch.manual_seed(0)
+    B, H, D = 2, 3, 32
+    q, k, v, g, a = (t[:, 0] for t in make_inputs(B, 1, H, D, torch.float32))
+    st = tuple(s.float() for s in _states(B, H, D, D, torch.float64))
+    torch.library.opcheck(step, (q, k, v, g, a, *st, 6, 0.02, D ** -0.5), test_utils=('test_schema', 'test_faketensor'))
+
+    def fn(q, k, v, g, a, state):
+        o, (h, u) = gk.gka_step(q, k, v, g, a, state, num_iter=6, backend='triton', check_values=False)
+        return o, h, u
+
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, fullgraph=True, backend='aot_eager')
+    for state in (None, st):
+        for r, t in zip(fn(q, k, v, g, a, state), compiled(q, k, v, g, a, state)):
+            assert torch.equal(r, t)
+    torch._dynamo.reset()
+
+
+@cases
+def test_language_model_compiles_as_one_graph(monkeypatch):
+    """The causal LM's training forward (loss included) on the triton backend compiles without a graph break, with
+    the loss and every parameter gradient equal to eager's."""
+    from gka_vision.lm import GKAConfig, GKAForCausalLM
+    monkeypatch.setenv('GKA_BACKEND', 'triton')
+    torch.manual_seed(0)
+    m = GKAForCausalLM(GKAConfig(vocab_size=50, hidden_size=64, num_layers=2, num_heads=2, head_dim=32, num_iter=4))
+    ids = torch.randint(0, 50, (2, 24))
+
+    def grads(f):
+        loss = f(ids, labels=ids).loss
+        return [loss.detach()] + list(torch.autograd.grad(loss, list(m.parameters())))
+
+    ref = grads(m)
+    torch._dynamo.reset()
+    got = grads(torch.compile(m, fullgraph=True, backend='aot_eager'))
+    torch._dynamo.reset()
+    for r, t in zip(ref, got):
+        assert rel_rmse(t, r) < 1e-6

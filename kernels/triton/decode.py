@@ -68,9 +68,22 @@ def gka_step_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.
     Returns o [B, H, DV] in q's dtype and the new fp32 state (fresh tensors; the given state is not modified)."""
     from .config import check_triton_inputs
     check_triton_inputs(q, v)
+    D = q.shape[-1]
+    scale = D ** -0.5 if scale is None else float(scale)
+    h0, u0 = state if state is not None else (None, None)
+    if torch.compiler.is_compiling():
+        # dynamo cannot trace the launch; the op is opaque to it (ops.py), and a CUDA graph can hold it
+        from .ops import step
+        o, hkk, hkv = step(q, k, v, g, alpha, h0, u0, int(num_iter), float(ridge_ratio), scale)
+        return o, (hkk, hkv)
+    return triton_step(q, k, v, g, alpha, h0, u0, num_iter, ridge_ratio, scale)
+
+
+def triton_step(q, k, v, g, alpha, h0, u0, num_iter: int, ridge_ratio: float, scale: float):
+    """The launch of gka_step_triton (checked inputs; h0 and u0 both given or both None)."""
     B, H, D = q.shape
     DV = v.shape[-1]
-    scale = D ** -0.5 if scale is None else float(scale)
+    state = (h0, u0) if h0 is not None else None
     hkk_out = torch.empty(B, H, D, D, device=q.device, dtype=torch.float32)
     hkv_out = torch.empty(B, H, D, DV, device=q.device, dtype=torch.float32)
     o = torch.empty(B, H, DV, device=q.device, dtype=q.dtype)

@@ -16,9 +16,10 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
+from .decode import triton_step
 from .function import prepare, triton_backward, triton_forward
 
-__all__ = ['chunk_fwd', 'chunk_bwd']
+__all__ = ['chunk_fwd', 'chunk_bwd', 'step']
 
 
 def _or_empty(t: Optional[Tensor], like: Tensor) -> Tensor:
@@ -95,3 +96,19 @@ def _backward(ctx, do, dHT, dUT, _dx, _df):
 
 
 chunk_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+@torch.library.custom_op('gka_kernels::step', mutates_args=())
+def step(q: Tensor, k: Tensor, v: Tensor, g: Tensor, alpha: Tensor, h0: Optional[Tensor], u0: Optional[Tensor],
+         num_iter: int, ridge_ratio: float, scale: float) -> Tuple[Tensor, Tensor, Tensor]:
+    """One decoding step, as ``decode.triton_step``: o [B, H, DV] and the new fp32 state (no backward: decoding)."""
+    o, (hkk, hkv) = triton_step(q, k, v, g, alpha, h0, u0, num_iter, ridge_ratio, scale)
+    return o, hkk, hkv
+
+
+@step.register_fake
+def _step_fake(q, k, v, g, alpha, h0, u0, num_iter, ridge_ratio, scale):
+    B, H, D = q.shape
+    DV = v.shape[-1]
+    return (q.new_empty(B, H, DV), q.new_empty(B, H, D, D, dtype=torch.float32),
+            q.new_empty(B, H, D, DV, dtype=torch.float32))
