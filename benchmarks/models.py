@@ -199,7 +199,20 @@ def profile(name: str, img_size: int, batch: int, device, mode: str = 'infer') -
     return dict(model=name, img_size=img_size, batch=batch, mode=mode, total_ms=round(total / 1e3, 3),
                 wall_ms=round(wall, 3), host_issue_ms=round(statistics.median(host), 3),
                 gpu_busy_pct=round(100 * total / 1e3 / wall, 1),
-                split_pct={k: round(100 * v / total, 1) for k, v in buckets.items()}, top=top)
+                split_pct={k: round(100 * v / total, 1) for k, v in buckets.items()}, top=top,
+                host_top=_host_ops(step))
+
+
+def _host_ops(step) -> List[Dict]:
+    """Where the host's issue time goes: the CPU-side ops of one step by self CPU time (the profiler's own overhead
+    inflates every op alike), to compare two models whose host times differ."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+    torch.cuda.synchronize()
+    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+    torch.cuda.synchronize()
+    rows = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:25]
+    return [dict(self_ms=round(e.self_cpu_time_total / 1e3, 3), calls=e.count, op=e.key[:110]) for e in rows]
 
 
 def markdown(rows: List[Dict], mode: str) -> str:
