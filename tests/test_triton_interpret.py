@@ -918,3 +918,18 @@ def test_language_model_compiles_as_one_graph(monkeypatch):
     torch._dynamo.reset()
     for r, t in zip(ref, got):
         assert rel_rmse(t, r) < 1e-6
+
+
+@cases
+def test_empty_batch_and_sequence():
+    """An empty batch (B = 0) or sequence (T = 0) launches nothing (a zero-program grid used to divide by zero):
+    empty outputs, the state passed on, as the torch backend does; gka_step likewise for B = 0."""
+    for B, T in ((0, 10), (2, 0)):
+        q, k, v, g, a = make_inputs(B, T, 2, 32, torch.float32)
+        st = tuple(s.float() for s in _states(B, 2, 32, 32, torch.float64))
+        for backend in ('triton', 'torch'):
+            o, (h, u) = gk.gka_chunk(q, k, v, g, a, initial_state=st, output_final_state=True, backend=backend)
+            assert o.shape == (B, T, 2, 32) and torch.equal(h, st[0]) and torch.equal(u, st[1]), (B, T, backend)
+    q, k, v, g, a = (t[:, 0] for t in make_inputs(0, 1, 2, 32, torch.float32))
+    o, (h, u) = gk.gka_step(q, k, v, g, a, backend='triton')
+    assert o.shape == (0, 2, 32) and h.shape == (0, 2, 32, 32) and u.shape == (0, 2, 32, 32)

@@ -87,6 +87,8 @@ def triton_step(q, k, v, g, alpha, h0, u0, num_iter: int, ridge_ratio: float, sc
     hkk_out = torch.empty(B, H, D, D, device=q.device, dtype=torch.float32)
     hkv_out = torch.empty(B, H, D, DV, device=q.device, dtype=torch.float32)
     o = torch.empty(B, H, DV, device=q.device, dtype=q.dtype)
+    if B * H == 0:
+        return o, (hkk_out, hkv_out)   # nothing to launch (a grid of zero programs)
     if state is not None:
         hkk_in = state[0].to(torch.float32).contiguous()
         hkv_in = state[1].to(torch.float32).contiguous()

@@ -103,8 +103,9 @@ def gka_chunk_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch
     DV = v.shape[-1]
     scale = D ** -0.5 if scale is None else float(scale)
     h0, u0 = initial_state if initial_state is not None else (None, None)
-    if T == 0:
-        o = q.new_zeros(B, 0, H, DV)
+    if T == 0 or B * H == 0:
+        # nothing to launch (a grid of zero programs): as the torch backend, an empty output and the state passed on
+        o = q.new_zeros(B, T, H, DV)
         if not output_final_state:
             return o, None
         zk = q.new_zeros(B, H, D, D, dtype=torch.float32) if h0 is None else h0.to(torch.float32)
