@@ -162,7 +162,8 @@ def main(argv: Optional[List[str]] = None):
     p.add_argument('--models', nargs='*', default=[], help='timm model names timed whole (none: skip)')
     p.add_argument('--specs', nargs='*', default=[],
                    help="instead of --variants: models.py specs timed against each other, the first the baseline, "
-                        "e.g. gka_small gka_small@compile=reduce-overhead (one model each)")
+                        "e.g. gka_small gka_small@compile=reduce-overhead (one model each); SPEC%%NAME=value[,...] "
+                        "runs that spec under those switches, e.g. gka_small@compile=default%%GKA_COMPILE_CORE=1")
     p.add_argument('--sizes', nargs='+', type=int, default=[224, 1024])
     p.add_argument('--modes', nargs='+', default=['infer'], choices=['infer', 'train'])
     p.add_argument('--rounds', type=int, default=7)
@@ -178,7 +179,11 @@ def main(argv: Optional[List[str]] = None):
 
     names = args.variants
     if args.specs:
-        names, variants = args.specs, [{} for _ in args.specs]
+        names = args.specs
+        split = [spec.partition('%') for spec in args.specs]
+        args.specs = [spec for spec, _, _ in split]
+        # a spec's switches hold around every call of its step, the first (where torch.compile traces) included
+        variants = [parse_variant(env) if env else {} for _, _, env in split]
 
     def record(case, step, memory=False):
         times = interleave(step, variants, args.rounds, args.iters)

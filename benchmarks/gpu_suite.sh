@@ -5,7 +5,7 @@
 #                                               (default: setup tests kernels models lm)
 # One device call may run 10 minutes, so run the stages in a few calls, each starting with setup. Measured stage
 # times on the H200 (2026-11-29): setup 20 s, tests 3.5-4.5 min (36 cases: 35 in 207 s warm, 32 in 260 s cold), schedule ~1.5 min, kernels 45 s, models ~6 min for all
-# 12 models (MODELS_BUDGET=470), modelprofile 30 s, compiled ~6 min (gka_small's train 224 + 1024 px: 150 s), fusedglue 70 s, demo 35 s, lm ~8 min. E.g.
+# 12 models (MODELS_BUDGET=470), modelprofile 30 s, compiled ~9 min (gka_small's 3 specs, train 224 + 1024 px: 150 s), fusedglue 70 s, demo 35 s, lm ~8 min. E.g.
 #   setup tests schedule kernels      setup models      setup modelprofile demo fusedglue
 # Writes logs, JSON, markdown and PNGs under $OUT (default benchmarks/results). Each stage has its own time limit
 # and a failing stage does not stop the others; the exit code is the number of failed stages.
@@ -45,11 +45,15 @@ for s in "${stages[@]}"; do
     modelprofile)  # where gka_small's time goes at 1024 px (kernel vs projections vs glue), and DeiT-S's
              run_stage modelprofile 120 bash -c "python3 benchmarks/models.py --out '$OUT' --profile gka_small && \
                python3 benchmarks/models.py --out '$OUT' --profile deit_small_patch16_224" ;;
-    compiled)  # torch.compile (default mode, and CUDA graphs) against eager, interleaved per model (ab.py --specs)
-             for m in gka_small deit_small_patch16_224; do
-               run_stage "compiled_$m" 300 python3 benchmarks/ab.py --out "$OUT/compiled_$m" --rounds 3 \
-                 --sizes 224 1024 --modes train infer --specs $m $m@compile=default $m@compile=reduce-overhead
-             done ;;
+    compiled)  # torch.compile (default mode, and CUDA graphs) against eager, interleaved per model (ab.py --specs);
+               # for gka_small also the opt-in one-graph mixer core (GKA_COMPILE_CORE=1, models/core_op.py)
+             run_stage compiled_gka 420 python3 benchmarks/ab.py --out "$OUT/compiled_gka" --rounds 3 \
+               --sizes 224 1024 --modes train infer --specs gka_small gka_small@compile=default \
+               gka_small@compile=reduce-overhead 'gka_small@compile=default%GKA_COMPILE_CORE=1' \
+               'gka_small@compile=reduce-overhead%GKA_COMPILE_CORE=1'
+             run_stage compiled_deit 240 python3 benchmarks/ab.py --out "$OUT/compiled_deit" --rounds 3 \
+               --sizes 224 1024 --modes train infer --specs deit_small_patch16_224 \
+               deit_small_patch16_224@compile=default deit_small_patch16_224@compile=reduce-overhead ;;
     ab)      # interleaved A/B of kernel switches (runs drift ~10 % between stages); AB_ARGS: ab.py's flags
              run_stage ab 300 python3 benchmarks/ab.py --out "$OUT/ab" ${AB_ARGS:-} ;;
     schedule) run_stage schedule 200 python3 benchmarks/gpu_kernels_check.py --only schedule,profile ;;

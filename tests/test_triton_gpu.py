@@ -409,16 +409,20 @@ def test_fused_layer_norm_is_the_inference_default(monkeypatch, spy):
     assert len(calls) == 4
 
 
-@pytest.mark.parametrize('glue,mode', [('pytorch', 'default'), ('pytorch', 'reduce-overhead'), ('fused', 'default')])
+@pytest.mark.parametrize('glue,mode', [('pytorch', 'default'), ('pytorch', 'reduce-overhead'), ('fused', 'default'),
+                                       ('core', 'default'), ('core', 'reduce-overhead')])
 def test_model_compiles_bf16(glue, mode, monkeypatch):
     """gka_small (2 blocks) through inductor: with the PyTorch glue as one graph (fullgraph=True, the GKA kernel an
     op in it), also with CUDA graphs ('reduce-overhead'); with the fused glue (the default) with a graph break at
-    each glue kernel. A bf16 training step's output and parameter gradients, and inference three times over, equal
-    eager's within bf16 rounding."""
+    each glue kernel; with GKA_COMPILE_CORE=1 (the mixer's core one op, models/core_op.py) as one graph. A bf16
+    training step's output and parameter gradients, and inference three times over, equal eager's within bf16
+    rounding."""
     import timm
     import gka_vision  # noqa: F401
     if glue == 'pytorch':
         monkeypatch.setenv('GKA_FUSED_GLUE', '0')
+    if glue == 'core':
+        monkeypatch.setenv('GKA_COMPILE_CORE', '1')
     torch.manual_seed(0)
     m = timm.create_model('gka_small', img_size=128, depth=2, num_classes=10).to(DEV)
     x = torch.randn(4, 3, 128, 128, device=DEV)
@@ -432,7 +436,7 @@ def test_model_compiles_bf16(glue, mode, monkeypatch):
 
     y0, g0 = train_step(m.train())
     torch._dynamo.reset()
-    cm = torch.compile(m, fullgraph=glue == 'pytorch', mode=None if mode == 'default' else mode)
+    cm = torch.compile(m, fullgraph=glue != 'fused', mode=None if mode == 'default' else mode)
     for _ in range(3):   # CUDA graphs are recorded on a later call than the first
         y1, g1 = train_step(cm)
     err = {k: rel_rmse(g1[k], gr) for k, gr in g0.items()}

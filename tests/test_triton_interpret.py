@@ -933,3 +933,66 @@ def test_empty_batch_and_sequence():
     q, k, v, g, a = (t[:, 0] for t in make_inputs(0, 1, 2, 32, torch.float32))
     o, (h, u) = gk.gka_step(q, k, v, g, a, backend='triton')
     assert o.shape == (0, 2, 32) and h.shape == (0, 2, 32, 32) and u.shape == (0, 2, 32, 32)
+
+
+@cases
+def test_compiled_core_op_matches_eager(monkeypatch):
+    """GKA_COMPILE_CORE=1: under torch.compile the mixer's conv, glue, kernel and merge are one op
+    (models/core_op.py), the model compiles as one graph with the fused glue, and a training step under fp16
+    autocast (output and every parameter gradient) and an inference forward equal eager's bit for bit: the same
+    kernels, q, k, v recomputed in the backward as eager's rebuild does. gka_tiny_alt's first block scans without
+    a permutation, its second with one (the opcheck below covers two directions at once)."""
+    import timm
+    import gka_vision  # noqa: F401
+    monkeypatch.setenv('GKA_BACKEND', 'triton')
+    monkeypatch.setenv('GKA_FUSED_GLUE', '1')
+    torch.manual_seed(0)
+    m = timm.create_model('gka_tiny_alt', img_size=16, patch_size=8, depth=2, num_iter=4, num_classes=5)
+    x = torch.randn(2, 3, 16, 16)
+
+    def run(f):
+        m.train().zero_grad(set_to_none=True)
+        with torch.autocast('cpu', dtype=torch.float16):
+            y = f(x)
+        y.float().square().sum().backward()
+        m.eval()
+        with torch.no_grad(), torch.autocast('cpu', dtype=torch.float16):
+            y_inf = f(x)
+        return [y.detach(), y_inf] + [p.grad.clone() for p in m.parameters()]
+
+    ref = run(m)
+    monkeypatch.setenv('GKA_COMPILE_CORE', '1')
+    torch._dynamo.reset()
+    got = run(torch.compile(m, fullgraph=True, backend='aot_eager'))
+    torch._dynamo.reset()
+    for r, t in zip(ref, got):
+        assert torch.equal(r, t)
+
+
+@cases
+def test_core_op_passes_opcheck():
+    """The core op's schema, shape function and registered backward (torch.library.opcheck), with a permutation
+    and without, with and without autograd."""
+    from gka_vision.models.core_op import mixer_core_bwd, mixer_core_fwd
+    from gka_vision.models.scan import scan_index
+    torch.manual_seed(0)
+    B, Hg, Wg, H, D = 2, 3, 4, 2, 16
+    L, C3 = Hg * Wg, 3 * H * D
+    for directions, need_grad in ((('row', 'col_rev'), True), (('row',), False)):
+        n = len(directions)
+        idx = scan_index(directions, Hg, Wg, 'cpu')
+        perm, inv, scatter = (None, None, None) if idx.identity else (idx.perm, idx.inv, idx.scatter)
+        y = torch.randn(B, Hg, Wg, C3).permute(0, 3, 1, 2).requires_grad_(need_grad)
+        w = (torch.randn(C3, 1, 3, 3) * 0.3).requires_grad_(need_grad)
+        beta = (torch.rand(B * n, L, H) + 0.1).requires_grad_(need_grad)
+        g = (-torch.rand(B * n, L, H) * 0.3).requires_grad_(need_grad)
+        alpha = torch.rand(B * n, L, H).requires_grad_(need_grad)
+        z = torch.randn(B, L, H * D).requires_grad_(need_grad)
+        norm_w = (torch.rand(D) + 0.5).requires_grad_(need_grad)
+        args = (y, w, perm, inv, scatter, beta, g, alpha, z, norm_w, n, D, 1e-6, 1, 4, 0.02, 1e-6, need_grad)
+        torch.library.opcheck(mixer_core_fwd, args)
+        if need_grad:
+            out, o, rstd, xs, f = mixer_core_fwd(*args)
+            bwd = (torch.randn_like(out), *(t.detach() if isinstance(t, torch.Tensor) else t for t in args[:10]),
+                   o, rstd, xs, f, n, D, 1e-6, 1, 4, 0.02)
+            torch.library.opcheck(mixer_core_bwd, bwd, test_utils=('test_schema', 'test_faketensor'))

@@ -104,17 +104,36 @@ if triton is not None:
 _BT = 32
 
 
+def merge_norm_fwd(o, idx, z, weight, ndir: int, head_dim: int, eps: float):
+    """The forward launch: y like z, and the per-token, per-head 1/rms [B, L, H] (fp32) the backward reads."""
+    B, nL, HD = o.shape
+    L, H = nL // ndir, HD // head_dim
+    y = torch.empty_like(z)
+    rstd = torch.empty(B, L, H, device=o.device, dtype=torch.float32)
+    grid = (B, -(-L // _BT), H)   # the batch on axis 0, which has no 65,535 limit
+    _fwd[grid](o, idx if idx is not None else o, z, weight, y, rstd, L, H, float(eps),
+              D=head_dim, NDIR=ndir, BT=_BT, HAS_IDX=idx is not None)
+    return y, rstd
+
+
+def merge_norm_bwd(o, idx, z, weight, rstd, dy, ndir: int, head_dim: int):
+    """The backward launch: the gradients of o, z and the norm weight (in weight's dtype)."""
+    B, nL, HD = o.shape
+    L, H = nL // ndir, HD // head_dim
+    grid = (B, -(-L // _BT), H)
+    do = torch.empty_like(o)
+    dz = torch.empty_like(z)
+    dw = torch.empty(B * H * grid[1], head_dim, device=o.device, dtype=torch.float32)
+    _bwd[grid](o, idx if idx is not None else o, z, weight, rstd, dy.contiguous(), do, dz, dw, L, H,
+              D=head_dim, NDIR=ndir, BT=_BT, HAS_IDX=idx is not None)
+    return do, dz, dw.sum(0).to(weight.dtype)
+
+
 class _MergeNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, o, idx, z, weight, ndir: int, head_dim: int, eps: float):
-        B, nL, HD = o.shape
-        L, H = nL // ndir, HD // head_dim
-        y = torch.empty_like(z)
-        rstd = torch.empty(B, L, H, device=o.device, dtype=torch.float32)
-        grid = (B, -(-L // _BT), H)   # the batch on axis 0, which has no 65,535 limit
-        _fwd[grid](o, idx if idx is not None else o, z, weight, y, rstd, L, H, float(eps),
-                  D=head_dim, NDIR=ndir, BT=_BT, HAS_IDX=idx is not None)
+        y, rstd = merge_norm_fwd(o, idx, z, weight, ndir, head_dim, eps)
         ctx.save_for_backward(o, idx, z, weight, rstd)
         ctx.cfg = (ndir, head_dim)
         return y
@@ -122,16 +141,8 @@ class _MergeNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         o, idx, z, weight, rstd = ctx.saved_tensors
-        ndir, D = ctx.cfg
-        B, nL, HD = o.shape
-        L, H = nL // ndir, HD // D
-        grid = (B, -(-L // _BT), H)
-        do = torch.empty_like(o)
-        dz = torch.empty_like(z)
-        dw = torch.empty(B * H * grid[1], D, device=o.device, dtype=torch.float32)
-        _bwd[grid](o, idx if idx is not None else o, z, weight, rstd, dy.contiguous(), do, dz, dw, L, H,
-                  D=D, NDIR=ndir, BT=_BT, HAS_IDX=idx is not None)
-        return do, None, dz, dw.sum(0).to(weight.dtype), None, None, None
+        do, dz, dw = merge_norm_bwd(o, idx, z, weight, rstd, dy, *ctx.cfg)
+        return do, None, dz, dw, None, None, None
 
 
 @torch.compiler.disable  # like the GKA kernel call: opaque to dynamo (its Triton launches are not traced)

@@ -177,6 +177,9 @@ class GKAMixer(nn.Module):
         idx = scan_index(self.directions, Hg, Wg, x.device)
 
         fused = _fused_glue(x, D)
+        # opt-in under torch.compile: conv, glue, kernel and merge as one op, so the model is one graph (core_op.py)
+        core = fused and torch.compiler.is_compiling() and os.environ.get('GKA_COMPILE_CORE') == '1' \
+            and self.conv.bias is None and x.device.type != 'meta'
         # one low-precision copy of the normalised grid for the three projections that read it, not one each
         x_qkv, x_gate, x_out = autocast_fanout(x, 3)
         del x
@@ -185,7 +188,7 @@ class GKAMixer(nn.Module):
         # Training with the fused glue: the conv runs inside conv_scan_qkv, which recomputes its output in the
         # backward rather than saving it. Otherwise raw = [B, Hg, Wg, 3·H·D] before the SiLU, and the projection is
         # not kept (without autograd it is freed here, 3·H·D per token off the inference peak).
-        recompute_conv = fused and torch.is_grad_enabled()
+        recompute_conv = fused and (torch.is_grad_enabled() or core)
         act_dtype = y.dtype   # the conv's output dtype too, under autocast or not
         if not recompute_conv:
             raw = self.conv(y).permute(0, 2, 3, 1)
@@ -214,6 +217,11 @@ class GKAMixer(nn.Module):
 
         rebuild_from = None
         perm, inv = (None, None) if idx.identity else (idx.perm, idx.inv)   # the fused glue's scan order
+        if core:
+            from .core_op import mixer_core
+            o = mixer_core(y, self.conv, perm, inv, None if idx.identity else idx.scatter, beta.contiguous(), g,
+                           alpha, z, self.norm.weight, n, D, L2_EPS, self.num_iter, self.ridge_ratio, self.norm.eps)
+            return self.proj_drop(self.proj(o.reshape(B, Hg, Wg, H * D)))
         if recompute_conv:
             from .scan_qkv import conv_scan_qkv
             beta = beta.contiguous()

@@ -1,0 +1,137 @@
+"""The vision mixer's core as one torch.library op pair, for torch.compile: the depthwise conv, the input glue
+(scan_qkv), the GKA kernel and the merge + gated RMSNorm (merge_norm).
+
+Eager runs these as three autograd nodes whose saved q, k, v are rebuilt in the backward by saved-tensor hooks
+(rebuild.py). Dynamo traces neither the hooks nor the Triton launches, so under torch.compile each is a graph break
+(three per block). As one op with a shape function and a registered backward, the whole model is one graph, and
+the backward op recomputes the conv output and q, k, v from what the op keeps (the projection y, the conv weight,
+β), as eager does: the same kernels. The output gate z is kept (eager rebuilds it from its projection's input).
+
+Opt-in (``GKA_COMPILE_CORE=1``, read while dynamo traces) until a GPU run has timed it against the graph breaks.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from gka_kernels.triton.config import pick_chunk_size, solve_dot_mode
+from gka_kernels.triton.function import prepare, triton_backward, triton_forward
+
+from .merge_norm import merge_norm_bwd, merge_norm_fwd
+from .scan_qkv import _conv_rows, _scan_bwd, _scan_fwd
+
+__all__ = ['mixer_core']
+
+
+def _qkv(y, conv_w, perm, beta, ndir, head_dim, l2_eps, padding):
+    # the conv in y's dtype, as autocast runs it in eager mode (y is the bf16 projection there)
+    raw = _conv_rows(y, conv_w.to(y.dtype), padding).contiguous()
+    return raw, _scan_fwd(raw, perm, beta, ndir, head_dim, l2_eps)
+
+
+def _gka_cfg(q: Tensor, head_dim: int):
+    """What gka_chunk's triton backend picks for these inputs: chunk size, solve precision, readout scale."""
+    return pick_chunk_size(None, head_dim, q.shape[1], q.dtype), solve_dot_mode(q.dtype, head_dim), head_dim ** -0.5
+
+
+def _empty(t: Optional[Tensor], like: Tensor) -> Tensor:
+    return t if t is not None else like.new_empty(0, dtype=torch.float32)
+
+
+@torch.library.custom_op('gka_vision::mixer_core', mutates_args=())
+def mixer_core_fwd(y: Tensor, conv_w: Tensor, perm: Optional[Tensor], inv: Optional[Tensor],
+                   scatter: Optional[Tensor], beta: Tensor, g: Tensor, alpha: Tensor, z: Tensor, norm_w: Tensor,
+                   ndir: int, head_dim: int, l2_eps: float, padding: int, num_iter: int, ridge_ratio: float,
+                   norm_eps: float, need_grad: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(out, o, rstd, x, f): out [B, L, H·D] like z is the normed output before the mixer's projection; o (the
+    stacked directions' GKA output), rstd, x and f are what the backward reads (x, f empty where absent)."""
+    with torch.autocast(y.device.type, enabled=False):
+        _, (q, k, v) = _qkv(y, conv_w, perm, beta, ndir, head_dim, l2_eps, padding)
+        C, dot, scale = _gka_cfg(q, head_dim)
+        q, k, v, g32 = prepare(q, k, v, g)
+        o, _, _, x, f = triton_forward(q, k, v, g32, alpha, None, None, num_iter, ridge_ratio, scale, C, dot,
+                                       need_grad)
+        B, L, HD = z.shape
+        o = o.reshape(B, ndir * L, HD)
+        out, rstd = merge_norm_fwd(o, scatter, z.contiguous(), norm_w, ndir, head_dim, norm_eps)
+    return out, o, rstd, _empty(x, q), _empty(f, q)
+
+
+@mixer_core_fwd.register_fake
+def _mixer_core_fake(y, conv_w, perm, inv, scatter, beta, g, alpha, z, norm_w, ndir, head_dim, l2_eps, padding,
+                     num_iter, ridge_ratio, norm_eps, need_grad):
+    B, L, HD = z.shape
+    H = HD // head_dim
+    f32 = torch.float32
+    solve = num_iter > 0
+    x = y.new_empty(B * ndir, L, H, head_dim, dtype=f32) if solve and need_grad else y.new_empty(0, dtype=f32)
+    f = y.new_empty(B * ndir, L, H, dtype=f32) if solve else y.new_empty(0, dtype=f32)
+    return z.new_empty(B, L, HD), y.new_empty(B, ndir * L, HD), y.new_empty(B, L, H, dtype=f32), x, f
+
+
+@torch.library.custom_op('gka_vision::mixer_core_bwd', mutates_args=())
+def mixer_core_bwd(dout: Tensor, y: Tensor, conv_w: Tensor, perm: Optional[Tensor], inv: Optional[Tensor],
+                   scatter: Optional[Tensor], beta: Tensor, g: Tensor, alpha: Tensor, z: Tensor, norm_w: Tensor,
+                   o: Tensor, rstd: Tensor, x: Tensor, f: Tensor, ndir: int, head_dim: int, l2_eps: float,
+                   padding: int, num_iter: int, ridge_ratio: float) -> List[Tensor]:
+    """Gradients of y, conv_w, beta, g, alpha, z and norm_w, each in its input's dtype and contiguous."""
+    with torch.autocast(y.device.type, enabled=False):
+        raw, (q, k, v) = _qkv(y, conv_w, perm, beta, ndir, head_dim, l2_eps, padding)   # rebuilt as in eager
+        do, dz, dnorm_w = merge_norm_bwd(o, scatter, z.contiguous(), norm_w, rstd, dout, ndir, head_dim)
+        C, dot, scale = _gka_cfg(q, head_dim)
+        q, k, v, g32 = prepare(q, k, v, g)
+        dq, dk, dv, dg, dalpha, _, _ = triton_backward(
+            q, k, v, g32, alpha, None, None, x if x.numel() else None, f if f.numel() else None,
+            do.view(q.shape[0], q.shape[1], q.shape[2], -1), None, None, num_iter, ridge_ratio, scale, C, dot,
+            [True] * 5 + [False, False])
+        draw, dbeta = _scan_bwd(raw, inv, beta, dq, dk, dv, ndir, head_dim, l2_eps)
+        B, C3, Hg, Wg = y.shape
+        grad_conv = draw.view(B, Hg, Wg, C3).permute(0, 3, 1, 2)
+        dy, dw, _ = torch.ops.aten.convolution_backward(
+            grad_conv, y, conv_w.to(y.dtype), None, [1, 1], [padding, padding], [1, 1], False, [0, 0], C3,
+            [True, True, False])
+    grads = (dy, dw.to(conv_w.dtype), dbeta, dg.to(g.dtype), dalpha.to(alpha.dtype), dz.to(z.dtype),
+             dnorm_w)
+    return [t.contiguous() for t in grads]
+
+
+@mixer_core_bwd.register_fake
+def _mixer_core_bwd_fake(dout, y, conv_w, perm, inv, scatter, beta, g, alpha, z, norm_w, o, rstd, x, f, ndir,
+                         head_dim, l2_eps, padding, num_iter, ridge_ratio):
+    return [t.new_empty(t.shape) for t in (y, conv_w, beta, g, alpha, z, norm_w)]
+
+
+_KEPT = ('y', 'conv_w', 'perm', 'inv', 'scatter', 'beta', 'g', 'alpha', 'z', 'norm_w')
+
+
+def _setup_context(ctx, inputs, output):
+    (y, conv_w, perm, inv, scatter, beta, g, alpha, z, norm_w, ndir, head_dim, l2_eps, padding, num_iter,
+     ridge_ratio, norm_eps, need_grad) = inputs
+    _, o, rstd, x, f = output
+    ctx.save_for_backward(y, conv_w, perm, inv, scatter, beta, g, alpha, z, norm_w, o, rstd, x, f)
+    ctx.cfg = (ndir, head_dim, l2_eps, padding, num_iter, ridge_ratio)
+    ctx.mark_non_differentiable(o, rstd, x, f)
+
+
+def _backward(ctx, dout, _do, _drstd, _dx, _df):
+    saved = ctx.saved_tensors
+    dy, dw, dbeta, dg, dalpha, dz, dnorm_w = mixer_core_bwd(dout, *saved, *ctx.cfg)
+    return (dy, dw, None, None, None, dbeta, dg, dalpha, dz, dnorm_w) + (None,) * 8
+
+
+mixer_core_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def mixer_core(y: Tensor, conv: torch.nn.Conv2d, perm: Optional[Tensor], inv: Optional[Tensor],
+               scatter: Optional[Tensor], beta: Tensor, g: Tensor, alpha: Tensor, z: Tensor, norm_w: Tensor,
+               ndir: int, head_dim: int, l2_eps: float, num_iter: int, ridge_ratio: float,
+               norm_eps: float) -> Tensor:
+    """The mixer's normed output [B, L, H·D] from its projection y [B, 3·H·D, Hg, Wg] (the inputs of
+    conv_scan_qkv, gka_chunk and merge_norm together)."""
+    need_grad = torch.is_grad_enabled() and any(
+        t.requires_grad for t in (y, conv.weight, beta, g, alpha, z, norm_w))
+    out, _, _, _, _ = mixer_core_fwd(y, conv.weight, perm, inv, scatter, beta, g, alpha, z, norm_w, ndir, head_dim,
+                                     l2_eps, conv.padding[0], num_iter, ridge_ratio, norm_eps, need_grad)
+    return out
