@@ -177,11 +177,11 @@ def main(argv: Optional[List[str]] = None):
     out.mkdir(parents=True, exist_ok=True)
     rows: List[Dict] = []
 
-    names = args.variants
+    names, specs = args.variants, []
     if args.specs:
         names = args.specs
         split = [spec.partition('%') for spec in args.specs]
-        args.specs = [spec for spec, _, _ in split]
+        specs = [spec for spec, _, _ in split]
         # a spec's switches hold around every call of its step, the first (where torch.compile traces) included
         variants = [parse_variant(env) if env else {} for _, _, env in split]
 
@@ -192,23 +192,23 @@ def main(argv: Optional[List[str]] = None):
             print(json.dumps(r), flush=True)
         rows.extend(new)
 
-    for shape in ([] if args.specs else args.shapes):
+    for shape in ([] if specs else args.shapes):
         for mode in args.kernel_modes:
             if mode == 'fwdbwd' and shape.endswith(',128') and 'fwd' in args.kernel_modes:
                 continue   # the D = 128 target is the forward's
             record(f"gka_chunk {shape.replace(',', ' ')} {mode}", kernel_step(shape, mode))
-    if args.specs:
+    if specs:
         import models as mb
         for size in args.sizes:
             for mode in args.modes:
                 batch = (mb.INFER_BATCH if mode == 'infer' else mb.TRAIN_BATCH)[size]
-                built = [mb.build(spec, size, 'cuda') for spec in args.specs]
+                built = [mb.build(spec, size, 'cuda') for spec in specs]
                 steps = [mb._step_fn(m, batch, size, mode, 'cuda') for m in built]
                 record(f'{size}px b{batch} {mode}', steps, memory=True)
                 del built, steps
                 torch._dynamo.reset()
                 torch.cuda.empty_cache()
-    if args.models and not args.specs:
+    if args.models and not specs:
         import models as mb
         for name in args.models:
             for size in args.sizes:

@@ -81,6 +81,17 @@ def _run(backend, ins, dtype, N, C, init, do, dstate, grads=True):
     return out
 
 
+def _eager_and_compiled(run, fn):
+    """run(fn) and run(torch.compile(fn, fullgraph=True)) through dynamo and AOT autograd (aot_eager: no C++ codegen
+    on 2 cores), with dynamo's caches cleared around the compiled run."""
+    ref = run(fn)
+    torch._dynamo.reset()
+    try:
+        return ref, run(torch.compile(fn, fullgraph=True, backend='aot_eager'))
+    finally:
+        torch._dynamo.reset()
+
+
 # (B, T, H, D, chunk, num_iter, initial state, final-state gradient)
 CONFIGS = [
     (2, 70, 2, 32, 32, 30, True, True),     # ragged tail, 3 chunks, everything on
@@ -840,10 +851,7 @@ def test_triton_backend_compiles_as_one_graph():
         return [t.detach() for t in outs] + list(torch.autograd.grad(loss, ins + list(st)))
 
     weights = [torch.randn(B, T, H, D), torch.randn(B, H, D, D), torch.randn(B, H, D, D)]
-    ref = run(fn)
-    torch._dynamo.reset()
-    got = run(torch.compile(fn, fullgraph=True, backend='aot_eager'))
-    torch._dynamo.reset()
+    ref, got = _eager_and_compiled(run, fn)
     for r, t in zip(ref, got):
         assert torch.equal(r, t)
 
@@ -866,10 +874,7 @@ def test_model_compiles_as_one_graph(monkeypatch):
         y.square().sum().backward()
         return y.detach(), {k: p.grad.clone() for k, p in m.named_parameters()}
 
-    y0, g0 = run(m)
-    torch._dynamo.reset()
-    y1, g1 = run(torch.compile(m, fullgraph=True, backend='aot_eager'))
-    torch._dynamo.reset()
+    (y0, g0), (y1, g1) = _eager_and_compiled(run, m)
     assert rel_rmse(y1, y0) < 1e-6
     for k, gr in g0.items():
         assert rel_rmse(g1[k], gr) < 1e-5, k
@@ -912,10 +917,7 @@ def test_language_model_compiles_as_one_graph(monkeypatch):
         loss = f(ids, labels=ids).loss
         return [loss.detach()] + list(torch.autograd.grad(loss, list(m.parameters())))
 
-    ref = grads(m)
-    torch._dynamo.reset()
-    got = grads(torch.compile(m, fullgraph=True, backend='aot_eager'))
-    torch._dynamo.reset()
+    ref, got = _eager_and_compiled(grads, m)
     for r, t in zip(ref, got):
         assert rel_rmse(t, r) < 1e-6
 
@@ -960,11 +962,13 @@ def test_compiled_core_op_matches_eager(monkeypatch):
             y_inf = f(x)
         return [y.detach(), y_inf] + [p.grad.clone() for p in m.parameters()]
 
-    ref = run(m)
-    monkeypatch.setenv('GKA_COMPILE_CORE', '1')
-    torch._dynamo.reset()
-    got = run(torch.compile(m, fullgraph=True, backend='aot_eager'))
-    torch._dynamo.reset()
+    def run_core_when_compiled(f):
+        # the switch is read while dynamo traces: set for the compiled run only
+        if f is not m:
+            monkeypatch.setenv('GKA_COMPILE_CORE', '1')
+        return run(f)
+
+    ref, got = _eager_and_compiled(run_core_when_compiled, m)
     for r, t in zip(ref, got):
         assert torch.equal(r, t)
 

@@ -16,8 +16,8 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from gka_kernels.triton.config import pick_chunk_size, solve_dot_mode
-from gka_kernels.triton.function import prepare, triton_backward, triton_forward
+from gka_kernels.triton.function import kernel_config, prepare, triton_backward, triton_forward
+from gka_kernels.triton.ops import empty_if_none
 
 from .merge_norm import merge_norm_bwd, merge_norm_fwd
 from .scan_qkv import _conv_rows, _scan_bwd, _scan_fwd
@@ -31,15 +31,6 @@ def _qkv(y, conv_w, perm, beta, ndir, head_dim, l2_eps, padding):
     return raw, _scan_fwd(raw, perm, beta, ndir, head_dim, l2_eps)
 
 
-def _gka_cfg(q: Tensor, head_dim: int):
-    """What gka_chunk's triton backend picks for these inputs: chunk size, solve precision, readout scale."""
-    return pick_chunk_size(None, head_dim, q.shape[1], q.dtype), solve_dot_mode(q.dtype, head_dim), head_dim ** -0.5
-
-
-def _empty(t: Optional[Tensor], like: Tensor) -> Tensor:
-    return t if t is not None else like.new_empty(0, dtype=torch.float32)
-
-
 @torch.library.custom_op('gka_vision::mixer_core', mutates_args=())
 def mixer_core_fwd(y: Tensor, conv_w: Tensor, perm: Optional[Tensor], inv: Optional[Tensor],
                    scatter: Optional[Tensor], beta: Tensor, g: Tensor, alpha: Tensor, z: Tensor, norm_w: Tensor,
@@ -49,14 +40,14 @@ def mixer_core_fwd(y: Tensor, conv_w: Tensor, perm: Optional[Tensor], inv: Optio
     stacked directions' GKA output), rstd, x and f are what the backward reads (x, f empty where absent)."""
     with torch.autocast(y.device.type, enabled=False):
         _, (q, k, v) = _qkv(y, conv_w, perm, beta, ndir, head_dim, l2_eps, padding)
-        C, dot, scale = _gka_cfg(q, head_dim)
+        C, dot, scale = kernel_config(q)
         q, k, v, g32 = prepare(q, k, v, g)
         o, _, _, x, f = triton_forward(q, k, v, g32, alpha, None, None, num_iter, ridge_ratio, scale, C, dot,
                                        need_grad)
         B, L, HD = z.shape
         o = o.reshape(B, ndir * L, HD)
         out, rstd = merge_norm_fwd(o, scatter, z.contiguous(), norm_w, ndir, head_dim, norm_eps)
-    return out, o, rstd, _empty(x, q), _empty(f, q)
+    return out, o, rstd, empty_if_none(x, q), empty_if_none(f, q)
 
 
 @mixer_core_fwd.register_fake
@@ -80,7 +71,7 @@ def mixer_core_bwd(dout: Tensor, y: Tensor, conv_w: Tensor, perm: Optional[Tenso
     with torch.autocast(y.device.type, enabled=False):
         raw, (q, k, v) = _qkv(y, conv_w, perm, beta, ndir, head_dim, l2_eps, padding)   # rebuilt as in eager
         do, dz, dnorm_w = merge_norm_bwd(o, scatter, z.contiguous(), norm_w, rstd, dout, ndir, head_dim)
-        C, dot, scale = _gka_cfg(q, head_dim)
+        C, dot, scale = kernel_config(q)
         q, k, v, g32 = prepare(q, k, v, g)
         dq, dk, dv, dg, dalpha, _, _ = triton_backward(
             q, k, v, g32, alpha, None, None, x if x.numel() else None, f if f.numel() else None,

@@ -209,7 +209,7 @@ class GKAMixer(nn.Module):
         # Training with the fused glue: z is rebuilt in the backward (_merge_norm) from the gate's input, when that
         # is the tensor the Linear keeps (under autocast only if already cast: autocast_fanout's copy)
         z_from = None
-        if recompute_conv and self.out_gate.bias is None:
+        if recompute_conv and not core and self.out_gate.bias is None:
             dev = x_out.device.type
             if not torch.is_autocast_enabled(dev) or x_out.dtype == torch.get_autocast_dtype(dev):
                 z_from = (x_out, self.out_gate.weight)

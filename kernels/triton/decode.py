@@ -83,15 +83,14 @@ def triton_step(q, k, v, g, alpha, h0, u0, num_iter: int, ridge_ratio: float, sc
     """The launch of gka_step_triton (checked inputs; h0 and u0 both given or both None)."""
     B, H, D = q.shape
     DV = v.shape[-1]
-    state = (h0, u0) if h0 is not None else None
     hkk_out = torch.empty(B, H, D, D, device=q.device, dtype=torch.float32)
     hkv_out = torch.empty(B, H, D, DV, device=q.device, dtype=torch.float32)
     o = torch.empty(B, H, DV, device=q.device, dtype=q.dtype)
     if B * H == 0:
         return o, (hkk_out, hkv_out)   # nothing to launch (a grid of zero programs)
-    if state is not None:
-        hkk_in = state[0].to(torch.float32).contiguous()
-        hkv_in = state[1].to(torch.float32).contiguous()
+    if h0 is not None:
+        hkk_in = h0.to(torch.float32).contiguous()
+        hkv_in = u0.to(torch.float32).contiguous()
     else:
         hkk_in, hkv_in = hkk_out, hkv_out
     if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
@@ -102,6 +101,6 @@ def triton_step(q, k, v, g, alpha, h0, u0, num_iter: int, ridge_ratio: float, sc
         H, float(ridge_ratio), float(scale), F_MIN,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         g.stride(0), g.stride(1), alpha.stride(0), alpha.stride(1),
-        D=D, DV=DV, N=num_iter, HAS_STATE=state is not None, num_warps=8 if D == 128 else 4,
+        D=D, DV=DV, N=num_iter, HAS_STATE=h0 is not None, num_warps=8 if D == 128 else 4,
     )
     return o, (hkk_out, hkv_out)

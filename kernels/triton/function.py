@@ -25,6 +25,13 @@ def prepare(q, k, v, g):
     return _unit_last(q), _unit_last(k), _unit_last(v), g.to(torch.float32).contiguous()
 
 
+def kernel_config(q: torch.Tensor, chunk_size: Optional[int] = None, scale: Optional[float] = None):
+    """What gka_chunk's triton backend runs these inputs with: (chunk size, solve precision, readout scale)."""
+    D = q.shape[-1]
+    return (pick_chunk_size(chunk_size, D, q.shape[1], q.dtype), solve_dot_mode(q.dtype, D),
+            D ** -0.5 if scale is None else float(scale))
+
+
 def triton_forward(q, k, v, g, alpha, h0, u0, num_iter: int, ridge_ratio: float, scale: float, chunk_size: int,
                    dot: str, need_grad: bool):
     """o [B, T, H, DV] (dtype of q), the final states h_kk [B, H, D, D] and h_kv [B, H, D, DV] (fp32), and what the
@@ -101,7 +108,6 @@ def gka_chunk_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch
     check_triton_inputs(q, v, chunk_size)
     B, T, H, D = q.shape
     DV = v.shape[-1]
-    scale = D ** -0.5 if scale is None else float(scale)
     h0, u0 = initial_state if initial_state is not None else (None, None)
     if T == 0 or B * H == 0:
         # nothing to launch (a grid of zero programs): as the torch backend, an empty output and the state passed on
@@ -111,11 +117,10 @@ def gka_chunk_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch
         zk = q.new_zeros(B, H, D, D, dtype=torch.float32) if h0 is None else h0.to(torch.float32)
         zv = q.new_zeros(B, H, D, DV, dtype=torch.float32) if u0 is None else u0.to(torch.float32)
         return o, (zk, zv)
-    C = pick_chunk_size(chunk_size, D, T, q.dtype)
+    C, dot, scale = kernel_config(q, chunk_size, scale)
     # x (the solve output) is kept for the backward only; without autograd the forward does not write it
     need_grad = grad_needed((q, k, v, g, alpha, h0, u0))
-    args = (q, k, v, g, alpha, h0, u0, int(num_iter), float(ridge_ratio), scale, C, solve_dot_mode(q.dtype, D),
-            need_grad)
+    args = (q, k, v, g, alpha, h0, u0, int(num_iter), float(ridge_ratio), scale, C, dot, need_grad)
     if torch.compiler.is_compiling():
         # dynamo cannot trace the launches' Python; the op is opaque to it, with a shape function and a backward
         from .ops import chunk_fwd

@@ -19,10 +19,11 @@ from torch import Tensor
 from .decode import triton_step
 from .function import prepare, triton_backward, triton_forward
 
-__all__ = ['chunk_fwd', 'chunk_bwd', 'step']
+__all__ = ['chunk_fwd', 'chunk_bwd', 'step', 'empty_if_none']
 
 
-def _or_empty(t: Optional[Tensor], like: Tensor) -> Tensor:
+def empty_if_none(t: Optional[Tensor], like: Tensor) -> Tensor:
+    """t, or an empty fp32 tensor on like's device where an op has no result to return (ops return tensors only)."""
     return t if t is not None else like.new_empty(0, dtype=torch.float32)
 
 
@@ -38,7 +39,7 @@ def chunk_fwd(q: Tensor, k: Tensor, v: Tensor, g: Tensor, alpha: Tensor, h0: Opt
     q, k, v, g = prepare(q, k, v, g)
     o, hT, uT, x, f = triton_forward(q, k, v, g, alpha, h0, u0, num_iter, ridge_ratio, scale, chunk_size, dot,
                                      need_grad)
-    return o, hT, uT, _or_empty(x, q), _or_empty(f, q)
+    return o, hT, uT, empty_if_none(x, q), empty_if_none(f, q)
 
 
 @chunk_fwd.register_fake
