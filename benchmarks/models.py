@@ -200,19 +200,43 @@ def profile(name: str, img_size: int, batch: int, device, mode: str = 'infer') -
                 wall_ms=round(wall, 3), host_issue_ms=round(statistics.median(host), 3),
                 gpu_busy_pct=round(100 * total / 1e3 / wall, 1),
                 split_pct={k: round(100 * v / total, 1) for k, v in buckets.items()}, top=top,
-                host_top=_host_ops(step))
+                **{f'host_{k}': v for k, v in _host_ops(step).items()})
 
 
-def _host_ops(step) -> List[Dict]:
-    """Where the host's issue time goes: the CPU-side ops of one step by self CPU time (the profiler's own overhead
-    inflates every op alike), to compare two models whose host times differ."""
+def _host_ops(step) -> Dict:
+    """Where the host's issue time goes: the CPU-side ops and CUDA runtime calls of one step by self CPU time (the
+    profiler's own overhead inflates every op alike), to compare two models whose host times differ; and every
+    operation that synchronises the host with the GPU (torch's sync debug mode), with the Python line that asked for
+    it, since one sync per block makes the host wait for the GPU and looks like host time."""
+    import traceback
+    import warnings
     from torch.profiler import ProfilerActivity, profile as torch_profile
     torch.cuda.synchronize()
-    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         step()
     torch.cuda.synchronize()
-    rows = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:25]
-    return [dict(self_ms=round(e.self_cpu_time_total / 1e3, 3), calls=e.count, op=e.key[:110]) for e in rows]
+    rows = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:30]
+    top = [dict(self_ms=round(e.self_cpu_time_total / 1e3, 3), calls=e.count, op=e.key[:110]) for e in rows]
+    syncs: Dict[str, int] = {}
+    shown = warnings.showwarning
+
+    def record(message, category, filename, lineno, file=None, line=None):
+        frames = [f for f in traceback.extract_stack()[:-1] if 'warnings' not in f.filename][-4:]
+        where = ' <- '.join(f'{pathlib.Path(f.filename).name}:{f.lineno} {f.name}' for f in reversed(frames))
+        key = f'{str(message)[:60]} @ {where}'
+        syncs[key] = syncs.get(key, 0) + 1
+    torch.cuda.synchronize()
+    with warnings.catch_warnings():
+        warnings.simplefilter('always')
+        warnings.showwarning = record
+        torch.cuda.set_sync_debug_mode('warn')
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode('default')
+            warnings.showwarning = shown
+    torch.cuda.synchronize()
+    return dict(ops=top, syncs=[dict(calls=n, where=k) for k, n in sorted(syncs.items(), key=lambda kv: -kv[1])])
 
 
 def markdown(rows: List[Dict], mode: str) -> str:
