@@ -27,6 +27,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from provenance import provenance  # noqa: E402
 
 KERNEL_SHAPES = ['256,196,6,64', '16,4096,6,64', '4,4096,16,128']
+# Switches that the model code reads while dynamo traces it (GKA_TRITON_* are read by the kernels' launches, which
+# run inside the opaque ops at every call, and GKA_COMPILE_CORE when a model is built).
+TRACED_SWITCHES = {'GKA_BACKEND', 'GKA_CAST_FANOUT', 'GKA_FUSED_GLUE', 'GKA_FUSED_NORM', 'GKA_PATCH_GEMM',
+                   'GKA_REBUILD_QKV'}
 
 
 def parse_variant(text: str) -> Dict[str, str]:
@@ -40,6 +44,23 @@ def parse_variant(text: str) -> Dict[str, str]:
             raise SystemExit(f'--variants: expected default or NAME=value[,NAME=value], got {text!r}')
         env[name if name.startswith('GKA_') else 'GKA_TRITON_' + name] = value
     return env
+
+
+def parse_specs(texts: List[str]):
+    """``SPEC[%NAME=value,...]`` → (models.py specs, one switch dict per spec). A spec's switches hold while its
+    model is built and around every call of its step, the first (where torch.compile traces) included. Dynamo does
+    not guard on os.environ, so a switch read by traced code would be baked into the first compiled model's graphs
+    and reused by the next: such switches are refused on compiled specs (GKA_COMPILE_CORE is read at build time)."""
+    split = [text.partition('%') for text in texts]
+    specs = [spec for spec, _, _ in split]
+    variants = [parse_variant(env) if env else {} for _, _, env in split]
+    for spec, env in zip(specs, variants):
+        baked = sorted(set(env) & TRACED_SWITCHES)
+        if baked and 'compile=' in spec:
+            raise SystemExit(f'{spec}: {baked} are read by code that torch.compile traces, and dynamo does not '
+                             "guard on os.environ, so every compiled spec would run the first one's graphs; "
+                             'time them in separate runs')
+    return specs, variants
 
 
 class Switch:
@@ -180,10 +201,7 @@ def main(argv: Optional[List[str]] = None):
     names, specs = args.variants, []
     if args.specs:
         names = args.specs
-        split = [spec.partition('%') for spec in args.specs]
-        specs = [spec for spec, _, _ in split]
-        # a spec's switches hold around every call of its step, the first (where torch.compile traces) included
-        variants = [parse_variant(env) if env else {} for _, _, env in split]
+        specs, variants = parse_specs(args.specs)
 
     def record(case, step, memory=False):
         times = interleave(step, variants, args.rounds, args.iters)
@@ -202,7 +220,10 @@ def main(argv: Optional[List[str]] = None):
         for size in args.sizes:
             for mode in args.modes:
                 batch = (mb.INFER_BATCH if mode == 'infer' else mb.TRAIN_BATCH)[size]
-                built = [mb.build(spec, size, 'cuda') for spec in specs]
+                built = []
+                for spec, env in zip(specs, variants):
+                    with Switch(env):   # switches read when the model is built (GKA_COMPILE_CORE) hold here too
+                        built.append(mb.build(spec, size, 'cuda'))
                 steps = [mb._step_fn(m, batch, size, mode, 'cuda') for m in built]
                 record(f'{size}px b{batch} {mode}', steps, memory=True)
                 del built, steps

@@ -36,3 +36,13 @@ def test_ratios_are_per_round_against_the_first_variant():
     assert '| case | b | 3.000 | 0.750 | 0.500-1.100 | - |' in ab.markdown(rows)
     rows = ab.summarise('model', ['a', 'b'], [[2.0], [1.0]], mem_gib=[0.75, 0.5])
     assert rows[1]['act_gib'] == 0.5 and '| model | b | 1.000 | 0.500 | 0.500-0.500 | 0.50 |' in ab.markdown(rows)
+
+
+def test_specs_carry_switches_and_refuse_traced_ones_under_compile():
+    specs, variants = ab.parse_specs(['gka_small', 'gka_small@compile=default%GKA_COMPILE_CORE=1,FAST_ITERS=9',
+                                      'gka_small%GKA_FUSED_GLUE=0'])
+    assert specs == ['gka_small', 'gka_small@compile=default', 'gka_small']
+    assert variants == [{}, {'GKA_COMPILE_CORE': '1', 'GKA_TRITON_FAST_ITERS': '9'}, {'GKA_FUSED_GLUE': '0'}]
+    # read while dynamo traces: two compiled specs would share the first one's graphs
+    with pytest.raises(SystemExit, match='GKA_FUSED_GLUE'):
+        ab.parse_specs(['gka_small@compile=default', 'gka_small@compile=default%GKA_FUSED_GLUE=0'])

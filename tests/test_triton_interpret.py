@@ -963,14 +963,49 @@ def test_compiled_core_op_matches_eager(monkeypatch):
         return [y.detach(), y_inf] + [p.grad.clone() for p in m.parameters()]
 
     def run_core_when_compiled(f):
-        # the switch is read while dynamo traces: set for the compiled run only
-        if f is not m:
-            monkeypatch.setenv('GKA_COMPILE_CORE', '1')
+        # the switch (GKA_COMPILE_CORE=1 when the model is built) set for the compiled run only
+        for mixer in (b.mixer for b in m.blocks):
+            mixer.compile_core = f is not m
         return run(f)
 
     ref, got = _eager_and_compiled(run_core_when_compiled, m)
     for r, t in zip(ref, got):
         assert torch.equal(r, t)
+
+
+@cases
+def test_core_switch_is_per_model_under_compile(monkeypatch):
+    """GKA_COMPILE_CORE is read when a model is built (GKAMixer.compile_core), and dynamo guards on it: a model
+    built with it and one built without, compiled in one process without clearing dynamo's caches in between, trace
+    different graphs (the core op in one only). A switch read in forward() while tracing is baked into the first
+    graph and reused by the second model: the interleaved A/B of session 8's design timed one graph twice."""
+    import timm
+    import gka_vision  # noqa: F401
+    monkeypatch.setenv('GKA_BACKEND', 'triton')
+    monkeypatch.setenv('GKA_FUSED_GLUE', '1')
+    kw = dict(img_size=16, patch_size=8, depth=1, num_iter=2, num_classes=5)
+    monkeypatch.delenv('GKA_COMPILE_CORE', raising=False)
+    plain = timm.create_model('gka_tiny_alt', **kw).eval()
+    monkeypatch.setenv('GKA_COMPILE_CORE', '1')
+    core = timm.create_model('gka_tiny_alt', **kw).eval()
+    monkeypatch.delenv('GKA_COMPILE_CORE')   # what counts is the value when each model was built
+    targets, current = {}, []
+
+    def recording(gm, example_inputs):   # one backend for both: only dynamo's guards can tell the models apart
+        targets.setdefault(current[-1], set()).update(str(n.target) for n in gm.graph.nodes if n.op == 'call_function')
+        return gm.forward
+
+    x = torch.randn(2, 3, 16, 16)
+    torch._dynamo.reset()
+    try:
+        with torch.no_grad():
+            for name, m in (('plain', plain), ('core', core), ('plain', plain)):
+                current.append(name)
+                torch.compile(m, backend=recording)(x)
+    finally:
+        torch._dynamo.reset()
+    has_core = {name: any('mixer_core' in t for t in ts) for name, ts in targets.items()}
+    assert has_core == {'plain': False, 'core': True}, has_core
 
 
 @cases

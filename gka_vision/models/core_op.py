@@ -7,7 +7,8 @@ Eager runs these as three autograd nodes whose saved q, k, v are rebuilt in the 
 the backward op recomputes the conv output and q, k, v from what the op keeps (the projection y, the conv weight,
 β), as eager does: the same kernels. The output gate z is kept (eager rebuilds it from its projection's input).
 
-Opt-in (``GKA_COMPILE_CORE=1``, read while dynamo traces) until a GPU run has timed it against the graph breaks.
+Opt-in (``GKA_COMPILE_CORE=1``, read when the model is built: ``GKAMixer.compile_core``) until a GPU run has timed
+it against the graph breaks.
 """
 from __future__ import annotations
 
