@@ -181,6 +181,7 @@ def profile(name: str, img_size: int, batch: int, device, mode: str = 'infer') -
         t0 = time.perf_counter()
         step()
         host.append((time.perf_counter() - t0) * 1e3)
+    loop = _loop(step)
     torch.cuda.synchronize()
     with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
         step()
@@ -198,9 +199,38 @@ def profile(name: str, img_size: int, batch: int, device, mode: str = 'infer') -
            for t, n, k in sorted(kernels, reverse=True)[:30]]
     return dict(model=name, img_size=img_size, batch=batch, mode=mode, total_ms=round(total / 1e3, 3),
                 wall_ms=round(wall, 3), host_issue_ms=round(statistics.median(host), 3),
-                gpu_busy_pct=round(100 * total / 1e3 / wall, 1),
+                gpu_busy_pct=round(100 * total / 1e3 / wall, 1), **loop,
                 split_pct={k: round(100 * v / total, 1) for k, v in buckets.items()}, top=top,
                 **{f'host_{k}': v for k, v in _host_ops(step).items()})
+
+
+def _loop(step, n: int = 20) -> Dict:
+    """Steps issued back to back, as a data loop issues them (the sweep's timing synchronises after each step): ms
+    per step from CUDA events around n steps, the host's median time per step inside the loop, and the same with
+    Python's garbage collector off."""
+    import gc
+    out = {}
+    for tag, collect in (('', True), ('_nogc', False)):
+        for _ in range(3):
+            step()
+        torch.cuda.synchronize()
+        if not collect:
+            gc.disable()
+        try:
+            host = []
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(n):
+                t0 = time.perf_counter()
+                step()
+                host.append((time.perf_counter() - t0) * 1e3)
+            end.record()
+            torch.cuda.synchronize()
+        finally:
+            gc.enable()
+        out[f'loop{tag}_ms'] = round(start.elapsed_time(end) / n, 3)
+        out[f'loop{tag}_host_ms'] = round(statistics.median(host), 3)
+    return out
 
 
 def _host_ops(step) -> Dict:
@@ -217,6 +247,14 @@ def _host_ops(step) -> Dict:
     torch.cuda.synchronize()
     rows = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:30]
     top = [dict(self_ms=round(e.self_cpu_time_total / 1e3, 3), calls=e.count, op=e.key[:110]) for e in rows]
+    # the same for 3 steps issued back to back (per step), where the GPU is busy with the previous step
+    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            step()
+    torch.cuda.synchronize()
+    rows = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:20]
+    loop_top = [dict(self_ms=round(e.self_cpu_time_total / 3e3, 3), calls=e.count // 3, op=e.key[:110])
+                for e in rows]
     syncs: Dict[str, int] = {}
     shown = warnings.showwarning
 
@@ -236,7 +274,8 @@ def _host_ops(step) -> Dict:
             torch.cuda.set_sync_debug_mode('default')
             warnings.showwarning = shown
     torch.cuda.synchronize()
-    return dict(ops=top, syncs=[dict(calls=n, where=k) for k, n in sorted(syncs.items(), key=lambda kv: -kv[1])])
+    return dict(ops=top, loop_ops=loop_top,
+                syncs=[dict(calls=n, where=k) for k, n in sorted(syncs.items(), key=lambda kv: -kv[1])])
 
 
 def markdown(rows: List[Dict], mode: str) -> str:

@@ -414,15 +414,14 @@ def test_fused_layer_norm_is_the_inference_default(monkeypatch, spy):
 def test_model_compiles_bf16(glue, mode, monkeypatch):
     """gka_small (2 blocks) through inductor: with the PyTorch glue as one graph (fullgraph=True, the GKA kernel an
     op in it), also with CUDA graphs ('reduce-overhead'); with the fused glue (the default) with a graph break at
-    each glue kernel; with GKA_COMPILE_CORE=1 (the mixer's core one op, models/core_op.py) as one graph. A bf16
+    each glue kernel (GKA_COMPILE_CORE=0); with the mixer's core as one op (models/core_op.py, the default) as one graph. A bf16
     training step's output and parameter gradients, and inference three times over, equal eager's within bf16
     rounding."""
     import timm
     import gka_vision  # noqa: F401
     if glue == 'pytorch':
         monkeypatch.setenv('GKA_FUSED_GLUE', '0')
-    if glue == 'core':
-        monkeypatch.setenv('GKA_COMPILE_CORE', '1')
+    monkeypatch.setenv('GKA_COMPILE_CORE', '1' if glue == 'core' else '0')   # read when the model is built
     torch.manual_seed(0)
     m = timm.create_model('gka_small', img_size=128, depth=2, num_classes=10).to(DEV)
     x = torch.randn(4, 3, 128, 128, device=DEV)

@@ -581,6 +581,7 @@ def test_mixer_rebuilds_qkv_in_backward(monkeypatch, spy):
     import gka_vision.models.scan_qkv as sq
     monkeypatch.setenv('GKA_FUSED_GLUE', '1')
     monkeypatch.setenv('GKA_BACKEND', 'triton')   # the kernel whose autograd node saves q, k, v themselves
+    monkeypatch.setenv('GKA_COMPILE_CORE', '0')   # compiled below with the glue kernels as graph breaks
     calls, linears, linear = spy(sq, '_scan_fwd'), [], torch.nn.functional.linear
     torch.manual_seed(0)
     m = timm.create_model('gka_tiny_cross', img_size=16, patch_size=8, depth=2, num_iter=4, num_classes=5)
@@ -939,7 +940,7 @@ def test_empty_batch_and_sequence():
 
 @cases
 def test_compiled_core_op_matches_eager(monkeypatch):
-    """GKA_COMPILE_CORE=1: under torch.compile the mixer's conv, glue, kernel and merge are one op
+    """By default (GKA_COMPILE_CORE unset) under torch.compile the mixer's conv, glue, kernel and merge are one op
     (models/core_op.py), the model compiles as one graph with the fused glue, and a training step under fp16
     autocast (output and every parameter gradient) and an inference forward equal eager's bit for bit: the same
     kernels, q, k, v recomputed in the backward as eager's rebuild does. gka_tiny_alt's first block scans without
@@ -948,6 +949,7 @@ def test_compiled_core_op_matches_eager(monkeypatch):
     import gka_vision  # noqa: F401
     monkeypatch.setenv('GKA_BACKEND', 'triton')
     monkeypatch.setenv('GKA_FUSED_GLUE', '1')
+    monkeypatch.delenv('GKA_COMPILE_CORE', raising=False)
     torch.manual_seed(0)
     m = timm.create_model('gka_tiny_alt', img_size=16, patch_size=8, depth=2, num_iter=4, num_classes=5)
     x = torch.randn(2, 3, 16, 16)
@@ -962,13 +964,8 @@ def test_compiled_core_op_matches_eager(monkeypatch):
             y_inf = f(x)
         return [y.detach(), y_inf] + [p.grad.clone() for p in m.parameters()]
 
-    def run_core_when_compiled(f):
-        # the switch (GKA_COMPILE_CORE=1 when the model is built) set for the compiled run only
-        for mixer in (b.mixer for b in m.blocks):
-            mixer.compile_core = f is not m
-        return run(f)
-
-    ref, got = _eager_and_compiled(run_core_when_compiled, m)
+    assert all(b.mixer.compile_core for b in m.blocks)   # the default; eager never takes the op
+    ref, got = _eager_and_compiled(run, m)   # fullgraph=True: a graph break at a glue kernel would fail it
     for r, t in zip(ref, got):
         assert torch.equal(r, t)
 
@@ -976,7 +973,7 @@ def test_compiled_core_op_matches_eager(monkeypatch):
 @cases
 def test_core_switch_is_per_model_under_compile(monkeypatch):
     """GKA_COMPILE_CORE is read when a model is built (GKAMixer.compile_core), and dynamo guards on it: a model
-    built with it and one built without, compiled in one process without clearing dynamo's caches in between, trace
+    built with the core op (the default) and one built with GKA_COMPILE_CORE=0, compiled in one process without clearing dynamo's caches in between, trace
     different graphs (the core op in one only). A switch read in forward() while tracing is baked into the first
     graph and reused by the second model: the interleaved A/B of session 8's design timed one graph twice."""
     import timm
@@ -984,11 +981,11 @@ def test_core_switch_is_per_model_under_compile(monkeypatch):
     monkeypatch.setenv('GKA_BACKEND', 'triton')
     monkeypatch.setenv('GKA_FUSED_GLUE', '1')
     kw = dict(img_size=16, patch_size=8, depth=1, num_iter=2, num_classes=5)
-    monkeypatch.delenv('GKA_COMPILE_CORE', raising=False)
+    monkeypatch.setenv('GKA_COMPILE_CORE', '0')
     plain = timm.create_model('gka_tiny_alt', **kw).eval()
-    monkeypatch.setenv('GKA_COMPILE_CORE', '1')
+    monkeypatch.delenv('GKA_COMPILE_CORE')   # the default: the core op
     core = timm.create_model('gka_tiny_alt', **kw).eval()
-    monkeypatch.delenv('GKA_COMPILE_CORE')   # what counts is the value when each model was built
+    monkeypatch.setenv('GKA_COMPILE_CORE', '0')   # what counts is the value when each model was built
     targets, current = {}, []
 
     def recording(gm, example_inputs):   # one backend for both: only dynamo's guards can tell the models apart
