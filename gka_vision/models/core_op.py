@@ -41,15 +41,18 @@ def mixer_core_fwd(y: Tensor, conv_w: Tensor, perm: Optional[Tensor], inv: Optio
     """(out, o, rstd, x, f): out [B, L, H·D] like z is the normed output before the mixer's projection; o (the
     stacked directions' GKA output), rstd, x and f are what the backward reads (x, f empty where absent)."""
     with torch.autocast(y.device.type, enabled=False):
-        _, (q, k, v) = _qkv(y, conv_w, perm, beta, ndir, head_dim, l2_eps, padding)
+        # the conv output is dropped once q, k, v exist, and they once the kernel has run: the op's inputs stay
+        # alive to its end (the graph holds them), so anything else kept here adds to the inference peak
+        q, k, v = _qkv(y, conv_w, perm, beta, ndir, head_dim, l2_eps, padding)[1]
         C, dot, scale = kernel_config(q)
         q, k, v, g32 = prepare(q, k, v, g)
         o, _, _, x, f = triton_forward(q, k, v, g32, alpha, None, None, num_iter, ridge_ratio, scale, C, dot,
                                        need_grad)
+        del q, k, v, g32
         B, L, HD = z.shape
         o = o.reshape(B, ndir * L, HD)
         out, rstd = merge_norm_fwd(o, scatter, z.contiguous(), norm_w, ndir, head_dim, norm_eps)
-    return out, o, rstd, empty_if_none(x, q), empty_if_none(f, q)
+    return out, o, rstd, empty_if_none(x, o), empty_if_none(f, o)
 
 
 @mixer_core_fwd.register_fake
@@ -71,15 +74,17 @@ def mixer_core_bwd(dout: Tensor, y: Tensor, conv_w: Tensor, perm: Optional[Tenso
                    padding: int, num_iter: int, ridge_ratio: float) -> List[Tensor]:
     """Gradients of y, conv_w, beta, g, alpha, z and norm_w, each in its input's dtype and contiguous."""
     with torch.autocast(y.device.type, enabled=False):
-        raw, (q, k, v) = _qkv(y, conv_w, perm, beta, ndir, head_dim, l2_eps, padding)   # rebuilt as in eager
         do, dz, dnorm_w = merge_norm_bwd(o, scatter, z.contiguous(), norm_w, rstd, dout, ndir, head_dim)
+        raw, (q, k, v) = _qkv(y, conv_w, perm, beta, ndir, head_dim, l2_eps, padding)   # rebuilt as in eager
         C, dot, scale = kernel_config(q)
         q, k, v, g32 = prepare(q, k, v, g)
         dq, dk, dv, dg, dalpha, _, _ = triton_backward(
             q, k, v, g32, alpha, None, None, x if x.numel() else None, f if f.numel() else None,
             do.view(q.shape[0], q.shape[1], q.shape[2], -1), None, None, num_iter, ridge_ratio, scale, C, dot,
             [True] * 5 + [False, False])
+        del q, k, v, g32, do
         draw, dbeta = _scan_bwd(raw, inv, beta, dq, dk, dv, ndir, head_dim, l2_eps)
+        del raw, dq, dk, dv
         B, C3, Hg, Wg = y.shape
         grad_conv = draw.view(B, Hg, Wg, C3).permute(0, 3, 1, 2)
         dy, dw, _ = torch.ops.aten.convolution_backward(
