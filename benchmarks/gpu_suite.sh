@@ -46,11 +46,12 @@ for s in "${stages[@]}"; do
              run_stage modelprofile 120 bash -c "python3 benchmarks/models.py --out '$OUT' --profile gka_small && \
                python3 benchmarks/models.py --out '$OUT' --profile deit_small_patch16_224" ;;
     compiled)  # torch.compile (default mode, and CUDA graphs) against eager, interleaved per model (ab.py --specs);
-               # for gka_small also the opt-in one-graph mixer core (GKA_COMPILE_CORE=1, models/core_op.py)
+               # for gka_small also the glue kernels as graph breaks instead of the one-op mixer core
+               # (GKA_COMPILE_CORE=0, read when the model is built; models/core_op.py)
              run_stage compiled_gka 420 python3 benchmarks/ab.py --out "$OUT/compiled_gka" --rounds 3 \
                --sizes 224 1024 --modes train infer --specs gka_small gka_small@compile=default \
-               gka_small@compile=reduce-overhead 'gka_small@compile=default%GKA_COMPILE_CORE=1' \
-               'gka_small@compile=reduce-overhead%GKA_COMPILE_CORE=1'
+               gka_small@compile=reduce-overhead 'gka_small@compile=default%GKA_COMPILE_CORE=0' \
+               'gka_small@compile=reduce-overhead%GKA_COMPILE_CORE=0'
              run_stage compiled_deit 240 python3 benchmarks/ab.py --out "$OUT/compiled_deit" --rounds 3 \
                --sizes 224 1024 --modes train infer --specs deit_small_patch16_224 \
                deit_small_patch16_224@compile=default deit_small_patch16_224@compile=reduce-overhead ;;
