@@ -1023,12 +1023,14 @@ def test_core_op_passes_opcheck():
         beta = (torch.rand(B * n, L, H) + 0.1).requires_grad_(need_grad)
         g = (-torch.rand(B * n, L, H) * 0.3).requires_grad_(need_grad)
         alpha = torch.rand(B * n, L, H).requires_grad_(need_grad)
-        z = torch.randn(B, L, H * D).requires_grad_(need_grad)
+        x_gate = torch.randn(B, Hg, Wg, 8).requires_grad_(need_grad)
+        w_gate = (torch.randn(H * D, 8) * 0.3).requires_grad_(need_grad)
         norm_w = (torch.rand(D) + 0.5).requires_grad_(need_grad)
-        args = (y, w, perm, inv, scatter, beta, g, alpha, z, norm_w, n, D, 1e-6, 1, 4, 0.02, 1e-6, need_grad)
+        args = (y, w, perm, inv, scatter, beta, g, alpha, x_gate, w_gate, norm_w, n, D, 1e-6, 1, 4, 0.02, 1e-6,
+                need_grad)
         torch.library.opcheck(mixer_core_fwd, args)
         if need_grad:
             out, o, rstd, xs, f = mixer_core_fwd(*args)
-            bwd = (torch.randn_like(out), *(t.detach() if isinstance(t, torch.Tensor) else t for t in args[:10]),
+            bwd = (torch.randn_like(out), *(t.detach() if isinstance(t, torch.Tensor) else t for t in args[:11]),
                    o, rstd, xs, f, n, D, 1e-6, 1, 4, 0.02)
             torch.library.opcheck(mixer_core_bwd, bwd, test_utils=('test_schema', 'test_faketensor'))

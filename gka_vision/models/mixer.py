@@ -21,7 +21,8 @@ from timm.layers import register_notrace_module
 
 from gka_kernels import gka_chunk
 
-from ..layers import BETA_EPS, L2_EPS, GatedRMSNorm, autocast_fanout, forget_gate_log_decay, init_forget_gate
+from ..layers import (BETA_EPS, L2_EPS, GatedRMSNorm, autocast_enabled, autocast_fanout, forget_gate_log_decay,
+                      init_forget_gate)
 from .add_norm import layer_norm_cast
 from .scan import DIRECTIONS, scan_index
 
@@ -185,7 +186,7 @@ class GKAMixer(nn.Module):
         fused = _fused_glue(x, D)
         # under torch.compile: conv, glue, kernel and merge as one op, so the model is one graph (core_op.py)
         core = fused and self.compile_core and torch.compiler.is_compiling() \
-            and self.conv.bias is None and x.device.type != 'meta'
+            and self.conv.bias is None and self.out_gate.bias is None and x.device.type != 'meta'
         # one low-precision copy of the normalised grid for the three projections that read it, not one each
         x_qkv, x_gate, x_out = autocast_fanout(x, 3)
         del x
@@ -211,7 +212,15 @@ class GKAMixer(nn.Module):
         beta = (ba[..., 0, :] + BETA_EPS).reshape(B * n, L, H)
         alpha = ba[..., 1, :].reshape(B * n, L, H).to(act_dtype)
         g = g.reshape(B * n, L, H)
-        z = self.out_gate(x_out).reshape(B, L, H * D)
+        if core:
+            # the op runs the gate projection itself (and rebuilds z in its backward): its input in the dtype
+            # autocast would compute that Linear in (autocast_fanout's copy already is)
+            dev = x_out.device.type
+            gate_in, z = x_out, None
+            if autocast_enabled(dev) and x_out.dtype in (torch.float32, torch.float16, torch.bfloat16):
+                gate_in = x_out.to(torch.get_autocast_dtype(dev))
+        else:
+            gate_in, z = None, self.out_gate(x_out).reshape(B, L, H * D)
         # Training with the fused glue: z is rebuilt in the backward (_merge_norm) from the gate's input, when that
         # is the tensor the Linear keeps (under autocast only if already cast: autocast_fanout's copy)
         z_from = None
@@ -226,7 +235,8 @@ class GKAMixer(nn.Module):
         if core:
             from .core_op import mixer_core
             o = mixer_core(y, self.conv, perm, inv, None if idx.identity else idx.scatter, beta.contiguous(), g,
-                           alpha, z, self.norm.weight, n, D, L2_EPS, self.num_iter, self.ridge_ratio, self.norm.eps)
+                           alpha, gate_in, self.out_gate.weight, self.norm.weight, n, D, L2_EPS, self.num_iter,
+                           self.ridge_ratio, self.norm.eps)
             return self.proj_drop(self.proj(o.reshape(B, Hg, Wg, H * D)))
         if recompute_conv:
             from .scan_qkv import conv_scan_qkv
