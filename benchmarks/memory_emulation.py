@@ -11,6 +11,7 @@ to check a memory change before a GPU run confirms it.
 
     python benchmarks/memory_emulation.py --models gka_small deit_small_patch16_224 --size 1024 --batch 16 --top 12
     python benchmarks/memory_emulation.py --models gka_small --size 512 --batch 8 --mode train --group 12
+    python benchmarks/memory_emulation.py --models gka_small --size 224 --batch 2 --mode compiled-train
 """
 from __future__ import annotations
 
@@ -68,12 +69,45 @@ def measure(name: str, size: int, batch: int, mode: str = 'infer') -> LiveBytes:
     return lb
 
 
+def compiled_saved(name: str, size: int, batch: int) -> dict:
+    """What a torch.compile'd training step keeps for its backward: the saved inputs of the backward graphs (not the
+    parameters, the model input or the incoming gradients) with AOT autograd's min-cut partitioner, which inductor
+    uses, and the kernels as no-ops. Only compiled graphs count: with graph breaks (GKA_COMPILE_CORE=0) what the
+    glue kernels' autograd nodes keep between the graphs is not in it, so compare one-graph variants."""
+    import timm
+    import gka_vision  # noqa: F401
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._functorch.partitioners import min_cut_rematerialization_partition
+    saved = []
+
+    def backward_compiler(gm, example_inputs):
+        inputs = [n for n in gm.graph.nodes if n.op == 'placeholder']
+        saved.append(sum(t.numel() * t.element_size() for n, t in zip(inputs, example_inputs)
+                         if isinstance(t, torch.Tensor) and not n.name.startswith(('tangents', 'primals'))))
+        return make_boxed_func(gm.forward)
+
+    backend = aot_autograd(fw_compiler=lambda gm, _: make_boxed_func(gm.forward), bw_compiler=backward_compiler,
+                           partition_fn=min_cut_rematerialization_partition)
+    torch.manual_seed(0)
+    model = timm.create_model(name, img_size=size).train()
+    x = torch.randn(batch, 3, size, size)
+    torch._dynamo.reset()
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        out = torch.compile(model, backend=backend)(x)
+    out.float().sum().backward()
+    torch._dynamo.reset()
+    return dict(model=name, size=size, batch=batch, mode='compiled-train', saved_bytes=sum(saved),
+                saved_mib=round(sum(saved) / 2 ** 20, 2), graphs=len(saved))
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     p.add_argument('--models', nargs='+', default=['gka_small', 'deit_small_patch16_224'])
     p.add_argument('--size', type=int, default=1024)
     p.add_argument('--batch', type=int, default=16)
-    p.add_argument('--mode', choices=['infer', 'train'], default='infer')
+    p.add_argument('--mode', choices=['infer', 'train', 'compiled-train'], default='infer',
+                   help="compiled-train: what a torch.compile'd training step's graphs keep for the backward")
     p.add_argument('--top', type=int, default=0, help='list the largest tensors alive at the peak')
     p.add_argument('--group', type=int, default=0,
                    help='list the largest groups of same-shaped tensors alive at the peak (op, shape, dtype)')
@@ -85,6 +119,13 @@ def main(argv=None):
     rows = []
     for name in args.models:
         t0 = time.time()
+        if args.mode == 'compiled-train':
+            row = compiled_saved(name, args.size, args.batch)
+            row['seconds'] = round(time.time() - t0, 1)
+            rows.append(row)
+            print(f"{name:28s} compiled training {args.size} px, batch {args.batch}: {row['saved_mib']:8.2f} MiB "
+                  f"kept for the backward by {row['graphs']} graph(s)", flush=True)
+            continue
         lb = measure(name, args.size, args.batch, args.mode)
         row = dict(model=name, size=args.size, batch=args.batch, mode=args.mode, peak_bytes=lb.peak,
                    peak_mib=round(lb.peak / 2 ** 20, 1), seconds=round(time.time() - t0, 1),

@@ -72,3 +72,13 @@ def test_grouping_sums_same_shaped_tensors():
                (4 * mib, ('aten.add', (2,), 'fp32'))]
     rows = grouped(at_peak)
     assert [(r['op'], r['count'], r['mib']) for r in rows] == [('aten.mm', 2, 5.0), ('aten.add', 1, 4.0)]
+
+
+def test_compiled_training_is_one_graph_with_the_core_op(tmp_path):
+    """--mode compiled-train: with the CUDA code path (fused glue) torch.compile makes one graph of gka_tiny by
+    default (each mixer's core one op) and counts what it keeps for the backward; with GKA_COMPILE_CORE=0 the glue
+    kernels are graph breaks (several graphs)."""
+    one = _emulate(tmp_path, '--size', '32', '--mode', 'compiled-train')
+    broken = _emulate(tmp_path, '--size', '32', '--mode', 'compiled-train', GKA_COMPILE_CORE='0')
+    assert one['graphs'] == 1 and broken['graphs'] > 1, (one, broken)
+    assert one['saved_bytes'] > 0
