@@ -91,7 +91,7 @@ def mixer_core_bwd(dout: Tensor, y: Tensor, conv_w: Tensor, perm: Optional[Tenso
         do, dz, dnorm_w = merge_norm_bwd(o, scatter, z, norm_w, rstd, dout, ndir, head_dim)
         del z
         # the projection's backward as autograd runs it for F.linear: ∂x = ∂z·W, ∂Wᵀ = xᵀ·∂z
-        dz2, x2 = dz.reshape(-1, dz.shape[-1]), x_gate.reshape(-1, x_gate.shape[-1])
+        dz2, x2 = dz.to(x_gate.dtype).reshape(-1, dz.shape[-1]), x_gate.reshape(-1, x_gate.shape[-1])
         dx_gate = dz2.mm(w_gate.to(x_gate.dtype)).view(x_gate.shape)
         dw_gate = x2.t().mm(dz2).t()
         del dz, dz2, x2
