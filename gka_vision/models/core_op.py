@@ -9,7 +9,7 @@ the backward op recomputes the conv output and q, k, v from what the op keeps (t
 rebuilds z from x and W_g (which the projection's backward needs anyway) instead of keeping it, as eager does.
 
 The default under torch.compile since a GPU run timed it against the graph breaks (KERNEL_NOTES.md v24: a training
-step 0.90× their time at 224 px, 1.01× at 1024 px, on an H100, when the op still kept z); ``GKA_COMPILE_CORE=0``
+step 0.89× their time at 224 px, 1.01× at 1024 px, on an H100, when the op still kept z); ``GKA_COMPILE_CORE=0``
 when the model is built keeps the graph breaks (``GKAMixer.compile_core``).
 """
 from __future__ import annotations

@@ -128,7 +128,7 @@ class GKAMixer(nn.Module):
         self.ridge_ratio = float(ridge_ratio)
         self.backend = backend
         # Under torch.compile with the fused glue: conv, glue, kernel, gate projection and merge as one op
-        # (core_op.py), measured 0.90× the graph-break compile's training step at 224 px and 1.01× at 1024 px on an
+        # (core_op.py), measured 0.89× the graph-break compile's training step at 224 px and 1.01× at 1024 px on an
         # H100 (KERNEL_NOTES.md v24). GKA_COMPILE_CORE=0 opts out. Read when the model is built, not while dynamo
         # traces: dynamo does not guard on os.environ, so a switch read in forward() is baked into the first
         # compiled graph and shared by every later model of the class. An attribute is guarded.
