@@ -126,7 +126,9 @@ def test_fp16_matches_torch_backend():
     do = torch.randn(B, T, H, D, dtype=torch.float64)
     ref = _run('torch', ins, torch.float64, N, C, None, do, None)
     # the default: tf32x3 steps after fast_steps(30, 0.02) leading single-pass fp16 ones (MODE 8); h16x2: fp16 H⁰
-    # products on rescaled rows (MODE 7), with FAST_ITERS its first steps MODE 8; FAST_DOT=lowp: tf32 fast steps
+    # products on rescaled rows (MODE 7), with the schedule's own leading MODE 8 steps (13 here) or none;
+    # FAST_DOT=lowp: tf32 fast steps. Forcing more fast steps than the schedule allows is what its tolerance
+    # prevents: 15 took ∂k to 2.8e-3 with numpy 2.4's fp16 products in the interpreter (1.0e-3 at 13).
     def run(mode, env):
         os.environ.update(env, GKA_TRITON_DOT=mode)
         try:
@@ -140,7 +142,7 @@ def test_fp16_matches_torch_backend():
     for mode, env in (('bf16x3', {}), ('bf16x3', {'GKA_TRITON_FAST_ITERS': '0'}),
                       ('bf16x3', {'GKA_TRITON_FAST_DOT': 'lowp', 'GKA_TRITON_FAST_ITERS': '10'}), ('tf32', {}),
                       ('lowp', {}), ('h16x2', {'GKA_TRITON_FAST_ITERS': '0'}),
-                      ('h16x2', {'GKA_TRITON_FAST_ITERS': '15'})):
+                      ('h16x2', {})):
         out = run(mode, env)
         assert out['o'].dtype == torch.float16
         for name, r in ref.items():
