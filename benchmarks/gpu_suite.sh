@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything the GPU machine has to check and time (the device lease is short).
-#   bash benchmarks/gpu_suite.sh [stage ...]     stages: setup tests kernels schedule ab models modelprofile compiled
-#                                               fusedglue statecap lm demo
+#   bash benchmarks/gpu_suite.sh [stage ...]     stages: setup tests kernels itersplit schedule ab models modelprofile
+#                                               compiled fusedglue statecap lm demo
 #                                               (default: setup tests kernels models lm)
 # One device call may run 10 minutes, so run the stages in a few calls, each starting with setup. Measured stage
 # times on the H200 (2026-11-29): setup 20 s, tests 3.5-4.5 min (36 cases: 35 in 207 s warm, 32 in 260 s cold), schedule ~1.5 min, kernels 45 s, models ~6 min for all
@@ -39,6 +39,8 @@ for s in "${stages[@]}"; do
     tests)   # TESTS_ARGS: more pytest arguments (e.g. -k to split the 36 cases over two calls)
              run_stage tests ${TESTS_LIMIT:-420} python3 -m pytest -q -rf -m gpu ${TESTS_ARGS:-} tests ;;
     kernels) run_stage kernels 180 python3 benchmarks/kernels.py --out "$OUT" ;;
+    itersplit)  # what one solve step costs in the forward and in the backward (KERNEL_NOTES "What the targets need")
+             run_stage itersplit 300 python3 benchmarks/kernels.py --iter-split --out "$OUT" ;;
     models)  # MODELS_BUDGET seconds (default 270) before the sweep stops starting new measurements; MODELS_ARGS: more flags
              run_stage models $((${MODELS_BUDGET:-270} + 60)) python3 benchmarks/models.py --out "$OUT" \
                --budget-s "${MODELS_BUDGET:-270}" ${MODELS_ARGS:-} ;;

@@ -5,6 +5,7 @@ median of triton.testing.do_bench. Writes kernels.json, kernels.md and kernels.p
 
     python benchmarks/kernels.py --out /tmp/bench            # everything
     python benchmarks/kernels.py --quick                       # the target shapes only
+    python benchmarks/kernels.py --iter-split --out /tmp/bench   # forward vs backward cost of one solve step
 """
 from __future__ import annotations
 
@@ -130,6 +131,47 @@ def measure(shapes, modes=('fwd', 'fwdbwd')) -> List[Dict]:
     return rows
 
 
+SPLIT_ITERS = (10, 20, 30)
+
+
+def iteration_split(fwd_ms: Dict[int, float], fwdbwd_ms: Dict[int, float], tokens: int, D: int,
+                    fwd_chunk: int, bwd_chunk: int = 16) -> Dict:
+    """What one solve step costs in the forward and in the backward (fwd+bwd minus fwd), from times at several
+    num_iter with every step a full split-product step (GKA_TRITON_FAST_ITERS=0, so the cost is linear in N): the
+    least-squares slope (ms per step) and intercept (ms that do not scale with N) of each, and the rate of a step's
+    products, counted as two MMAs per product as h16x2 / bf16x3 run them (X·H⁰ 2D², X·Kᵀ and (S⊙M)·K 2CD each, per
+    token and head; the backward's adjoint solve tiles C = 16), in TFLOP/s."""
+    import statistics
+    ns = sorted(fwd_ms)
+    bwd = {n: fwdbwd_ms[n] - fwd_ms[n] for n in ns}
+    out = {}
+    for part, times, C in (('fwd', fwd_ms, fwd_chunk), ('bwd', bwd, bwd_chunk)):
+        slope, intercept = statistics.linear_regression(ns, [times[n] for n in ns])
+        flop = 2 * (2 * D * D + 4 * C * D) * tokens
+        out[f'{part}_ms_per_step'] = slope
+        out[f'{part}_fixed_ms'] = intercept
+        out[f'{part}_step_tflops'] = flop / (slope * 1e-3) / 1e12 if slope > 0 else None
+    out['bwd_over_fwd_per_step'] = out['bwd_ms_per_step'] / out['fwd_ms_per_step']
+    return out
+
+
+def measure_split(shapes) -> List[Dict]:
+    from gka_kernels.triton.config import pick_chunk_size
+    rows = []
+    os.environ['GKA_TRITON_FAST_ITERS'] = '0'
+    try:
+        for (B, T, H, D) in shapes:
+            fwd = {n: time_gka(B, T, H, D, 'fwd', num_iter=n) for n in SPLIT_ITERS}
+            fb = {n: time_gka(B, T, H, D, 'fwdbwd', num_iter=n) for n in SPLIT_ITERS}
+            row = dict(shape=shape_name(B, T, H, D), fwd_ms=fwd, fwdbwd_ms=fb,
+                       **iteration_split(fwd, fb, B * T * H, D, pick_chunk_size(None, D, T, torch.bfloat16)))
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    finally:
+        del os.environ['GKA_TRITON_FAST_ITERS']
+    return rows
+
+
 def _fmt(x, nd=3):
     return '-' if x is None else (f'{x:.{nd}f}' if isinstance(x, float) else str(x))
 
@@ -188,8 +230,15 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     ap.add_argument('--out', default=os.environ.get('OUT', 'bench_out'))
     ap.add_argument('--quick', action='store_true', help='target shapes only, no sweep')
+    ap.add_argument('--iter-split', action='store_true',
+                    help='only the per-step cost of the forward and the backward at the D = 64 target shapes')
     args = ap.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
+    if args.iter_split:
+        rows = measure_split([s for s in TARGET_SHAPES if s[3] == 64 and s[1] != 256])
+        with open(os.path.join(args.out, 'iter_split.json'), 'w') as fh:
+            json.dump(rows, fh, indent=1)
+        return rows
     t0 = time.time()
     rows = measure(TARGET_SHAPES)
     if not args.quick:

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -56,7 +57,6 @@ def test_results_record_the_code_and_switches(monkeypatch):
 
 def test_model_specs_pass_arguments_to_timm():
     """name@key=value builds the registered model with other arguments (decision data: e.g. fewer iterations)."""
-    import pytest
     assert mb.model_spec('gka_small') == ('gka_small', {})
     assert mb.model_spec('gka_small@num_iter=10,ridge_ratio=0.05') == ('gka_small', dict(num_iter=10, ridge_ratio=0.05))
     model = mb.build('gka_tiny@num_iter=3,depth=1', 32, 'cpu')
@@ -69,3 +69,17 @@ def test_model_specs_pass_arguments_to_timm():
     for bad in ('gka_small@num_iter', 'gka_small@num_iter=ten', 'gka_small@1x=2'):
         with pytest.raises(SystemExit, match='model spec'):
             mb.model_spec(bad)
+
+
+def test_kernels_iteration_split_separates_step_cost_from_fixed_cost():
+    """benchmarks/kernels.py --iter-split: slope and intercept of the forward and of the backward (fwd+bwd minus
+    fwd) over num_iter, and the step's product rate, on made-up times with a known answer."""
+    import kernels as kb
+    fwd = {10: 1.0 + 10 * 0.05, 20: 1.0 + 20 * 0.05, 30: 1.0 + 30 * 0.05}
+    fb = {n: fwd[n] + 2.0 + n * 0.1 for n in fwd}   # backward: 2 ms fixed, 0.1 ms per step
+    out = kb.iteration_split(fwd, fb, tokens=1000, D=64, fwd_chunk=64)
+    assert out['fwd_ms_per_step'] == pytest.approx(0.05) and out['fwd_fixed_ms'] == pytest.approx(1.0)
+    assert out['bwd_ms_per_step'] == pytest.approx(0.1) and out['bwd_fixed_ms'] == pytest.approx(2.0)
+    assert out['bwd_over_fwd_per_step'] == pytest.approx(2.0)
+    # forward step: 2 · (2·64² + 4·64·64) FLOP per token-head, 1000 token-heads, in 0.05 ms
+    assert out['fwd_step_tflops'] == pytest.approx(2 * (2 * 64 * 64 + 4 * 64 * 64) * 1000 / 0.05e-3 / 1e12)
