@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
 from typing import Callable, Dict, List, Optional
@@ -141,7 +142,6 @@ def iteration_split(fwd_ms: Dict[int, float], fwdbwd_ms: Dict[int, float], token
     least-squares slope (ms per step) and intercept (ms that do not scale with N) of each, and the rate of a step's
     products, counted as two MMAs per product as h16x2 / bf16x3 run them (X·H⁰ 2D², X·Kᵀ and (S⊙M)·K 2CD each, per
     token and head; the backward's adjoint solve tiles C = 16), in TFLOP/s."""
-    import statistics
     ns = sorted(fwd_ms)
     bwd = {n: fwdbwd_ms[n] - fwd_ms[n] for n in ns}
     out = {}
@@ -156,10 +156,10 @@ def iteration_split(fwd_ms: Dict[int, float], fwdbwd_ms: Dict[int, float], token
 
 
 def measure_split(shapes) -> List[Dict]:
+    from ab import Switch
     from gka_kernels.triton.config import pick_chunk_size
     rows = []
-    os.environ['GKA_TRITON_FAST_ITERS'] = '0'
-    try:
+    with Switch({'GKA_TRITON_FAST_ITERS': '0'}):
         for (B, T, H, D) in shapes:
             fwd = {n: time_gka(B, T, H, D, 'fwd', num_iter=n) for n in SPLIT_ITERS}
             fb = {n: time_gka(B, T, H, D, 'fwdbwd', num_iter=n) for n in SPLIT_ITERS}
@@ -167,8 +167,6 @@ def measure_split(shapes) -> List[Dict]:
                        **iteration_split(fwd, fb, B * T * H, D, pick_chunk_size(None, D, T, torch.bfloat16)))
             print(json.dumps(row), flush=True)
             rows.append(row)
-    finally:
-        del os.environ['GKA_TRITON_FAST_ITERS']
     return rows
 
 

@@ -241,22 +241,20 @@ def _host_ops(step) -> Dict:
     import traceback
     import warnings
     from torch.profiler import ProfilerActivity, profile as torch_profile
-    torch.cuda.synchronize()
-    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        step()
-    torch.cuda.synchronize()
-    rows = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:30]
-    top = [dict(self_ms=round(e.self_cpu_time_total / 1e3, 3), calls=e.count, op=e.key[:110]) for e in rows]
-    # the same for 3 steps issued back to back (per step), where the GPU is busy with the previous step
-    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for _ in range(3):
-            step()
-    torch.cuda.synchronize()
-    rows = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:20]
-    loop_top = [dict(self_ms=round(e.self_cpu_time_total / 3e3, 3), calls=e.count // 3, op=e.key[:110])
+
+    def top_ops(steps: int, n: int) -> List[Dict]:
+        # per step: from an idle GPU (steps = 1), or issued back to back while the GPU runs the previous step
+        torch.cuda.synchronize()
+        with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(steps):
+                step()
+        torch.cuda.synchronize()
+        rows = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:n]
+        return [dict(self_ms=round(e.self_cpu_time_total / steps / 1e3, 3), calls=e.count // steps, op=e.key[:110])
                 for e in rows]
+
+    top, loop_top = top_ops(1, 30), top_ops(3, 20)
     syncs: Dict[str, int] = {}
-    shown = warnings.showwarning
 
     def record(message, category, filename, lineno, file=None, line=None):
         if 'synchroniz' not in str(message) or 'prototype' in str(message):   # the mode's own notice
@@ -268,7 +266,7 @@ def _host_ops(step) -> Dict:
 
     probe = torch.ones(1, device='cuda')
     torch.cuda.synchronize()
-    with warnings.catch_warnings():
+    with warnings.catch_warnings():   # restores warnings.showwarning on exit
         warnings.simplefilter('always')
         warnings.showwarning = record
         torch.cuda.set_sync_debug_mode('warn')
@@ -279,7 +277,6 @@ def _host_ops(step) -> Dict:
             step()
         finally:
             torch.cuda.set_sync_debug_mode('default')
-            warnings.showwarning = shown
     torch.cuda.synchronize()
     return dict(ops=top, loop_ops=loop_top, sync_probe_detected=detected,
                 syncs=[dict(calls=n, where=k) for k, n in sorted(syncs.items(), key=lambda kv: -kv[1])])

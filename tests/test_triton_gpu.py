@@ -413,8 +413,8 @@ def test_fused_layer_norm_is_the_inference_default(monkeypatch, spy):
                                        ('core', 'default'), ('core', 'reduce-overhead')])
 def test_model_compiles_bf16(glue, mode, monkeypatch):
     """gka_small (2 blocks) through inductor: with the PyTorch glue as one graph (fullgraph=True, the GKA kernel an
-    op in it), also with CUDA graphs ('reduce-overhead'); with the fused glue (the default) with a graph break at
-    each glue kernel (GKA_COMPILE_CORE=0); with the mixer's core as one op (models/core_op.py, the default) as one graph. A bf16
+    op in it), also with CUDA graphs ('reduce-overhead'); with the fused glue with a graph break at each glue kernel
+    (GKA_COMPILE_CORE=0); with the mixer's core as one op (models/core_op.py, the default) as one graph. A bf16
     training step's output and parameter gradients, and inference three times over, equal eager's within bf16
     rounding."""
     import timm

@@ -976,9 +976,10 @@ def test_compiled_core_op_matches_eager(monkeypatch):
 @cases
 def test_core_switch_is_per_model_under_compile(monkeypatch):
     """GKA_COMPILE_CORE is read when a model is built (GKAMixer.compile_core), and dynamo guards on it: a model
-    built with the core op (the default) and one built with GKA_COMPILE_CORE=0, compiled in one process without clearing dynamo's caches in between, trace
-    different graphs (the core op in one only). A switch read in forward() while tracing is baked into the first
-    graph and reused by the second model: the interleaved A/B of session 8's design timed one graph twice."""
+    built with the core op (the default) and one built with GKA_COMPILE_CORE=0, compiled in one process without
+    clearing dynamo's caches in between, trace different graphs (the core op in one only). A switch read in
+    forward() while tracing is baked into the first graph and reused by the second model: the interleaved A/B of
+    session 8's design timed one graph twice."""
     import timm
     import gka_vision  # noqa: F401
     monkeypatch.setenv('GKA_BACKEND', 'triton')
