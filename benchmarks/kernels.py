@@ -6,6 +6,7 @@ median of triton.testing.do_bench. Writes kernels.json, kernels.md and kernels.p
     python benchmarks/kernels.py --out /tmp/bench            # everything
     python benchmarks/kernels.py --quick                       # the target shapes only
     python benchmarks/kernels.py --iter-split --out /tmp/bench   # forward vs backward cost of one solve step
+    python benchmarks/kernels.py --kernel-split --out /tmp/bench # that cost per GPU kernel (torch.profiler)
 """
 from __future__ import annotations
 
@@ -170,6 +171,85 @@ def measure_split(shapes) -> List[Dict]:
     return rows
 
 
+def kernel_times(fn: Callable[[], object], reps: int = 5) -> Dict[str, float]:
+    """GPU time per call of fn, in ms, for each kernel name (torch.profiler, after two warm-up calls)."""
+    from torch.profiler import ProfilerActivity, profile
+    for _ in range(2):
+        fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    out: Dict[str, float] = {}
+    for ev in prof.key_averages():
+        us = getattr(ev, 'self_device_time_total', None)
+        if us is None:
+            us = getattr(ev, 'self_cuda_time_total', 0.0)
+        if us > 0:
+            # torch's elementwise kernels have long templated names: keep the head, sum the rest
+            name = ev.key if ev.key.startswith('_') else ev.key.split('<')[0][:60]
+            out[name] = out.get(name, 0.0) + us / 1e3 / reps
+    return out
+
+
+def per_kernel_split(per_n: Dict[int, Dict[str, float]], default: Dict[str, float]) -> List[Dict]:
+    """Each kernel's least-squares ms per solve step and fixed ms from its times at several N (a kernel missing at
+    some N took 0 there), largest default time first."""
+    ns = sorted(per_n)
+    names = sorted(set().union(*per_n.values(), default), key=lambda k: -default.get(k, 0.0))
+    kernels = []
+    for name in names:
+        ys = [per_n[n].get(name, 0.0) for n in ns]
+        slope, intercept = statistics.linear_regression(ns, ys)
+        kernels.append(dict(kernel=name, ms_by_n=dict(zip(ns, ys)), ms_per_step=slope, fixed_ms=intercept,
+                            default_ms=default.get(name, 0.0)))
+    return kernels
+
+
+def measure_kernel_split(shapes) -> List[Dict]:
+    """``iteration_split`` per GPU kernel: each kernel's fwd+bwd time at N = 10, 20, 30 (every step a full step,
+    GKA_TRITON_FAST_ITERS=0), its ms per solve step and the ms that do not scale with N; plus the default schedule at
+    N = 30. Says which kernels hold the backward's fixed cost."""
+    from ab import Switch
+    from gka_kernels import gka_chunk
+    rows = []
+    for (B, T, H, D) in shapes:
+        ins = gka_inputs(B, T, H, D, requires_grad=True)
+        do = torch.randn(B, T, H, D, device='cuda', dtype=torch.bfloat16)
+
+        def step(n):
+            def run():
+                for t in ins:
+                    t.grad = None
+                gka_chunk(*ins, num_iter=n, backend='triton').backward(do)
+            return run
+        with Switch({'GKA_TRITON_FAST_ITERS': '0'}):
+            per_n = {n: kernel_times(step(n)) for n in SPLIT_ITERS}
+        default = kernel_times(step(30))
+        kernels = per_kernel_split(per_n, default)
+        row = dict(shape=shape_name(B, T, H, D), kernels=kernels,
+                   total_default_ms=sum(default.values()),
+                   total_fixed_ms=sum(k['fixed_ms'] for k in kernels))
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    return rows
+
+
+def kernel_split_markdown(rows: List[Dict]) -> str:
+    lines = []
+    for r in rows:
+        lines += [f'### {r["shape"]}: fwd+bwd, GPU ms per call (default schedule {r["total_default_ms"]:.3f} ms; '
+                  f'fixed part at FAST_ITERS=0 {r["total_fixed_ms"]:.3f} ms)', '',
+                  '| kernel | default N=30 | N=10 | N=20 | N=30 | ms per step | fixed ms |', '|---' * 7 + '|']
+        for k in r['kernels']:
+            ms = k['ms_by_n']
+            lines.append(f'| {k["kernel"]} | {k["default_ms"]:.3f} | ' + ' | '.join(f'{ms[n]:.3f}' for n in SPLIT_ITERS)
+                         + f' | {k["ms_per_step"]:.4f} | {k["fixed_ms"]:.3f} |')
+        lines.append('')
+    return '\n'.join(lines)
+
+
 def _fmt(x, nd=3):
     return '-' if x is None else (f'{x:.{nd}f}' if isinstance(x, float) else str(x))
 
@@ -230,8 +310,19 @@ def main(argv=None):
     ap.add_argument('--quick', action='store_true', help='target shapes only, no sweep')
     ap.add_argument('--iter-split', action='store_true',
                     help='only the per-step cost of the forward and the backward at the D = 64 target shapes')
+    ap.add_argument('--kernel-split', action='store_true',
+                    help='only the per-step and fixed cost of each GPU kernel of fwd+bwd (torch.profiler)')
     args = ap.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
+    if args.kernel_split:
+        rows = measure_kernel_split([(16, 4096, 6, 64), (256, 196, 6, 64)])
+        with open(os.path.join(args.out, 'kernel_split.json'), 'w') as fh:
+            json.dump(rows, fh, indent=1)
+        md = kernel_split_markdown(rows)
+        with open(os.path.join(args.out, 'kernel_split.md'), 'w') as fh:
+            fh.write(md + '\n')
+        print(md)
+        return rows
     if args.iter_split:
         rows = measure_split([s for s in TARGET_SHAPES if s[3] == 64 and s[1] != 256])
         with open(os.path.join(args.out, 'iter_split.json'), 'w') as fh:

@@ -15,6 +15,16 @@ sys.path.insert(0, os.path.join(ROOT, 'benchmarks'))
 import models as mb  # noqa: E402
 
 
+def _kernels_bench():
+    """benchmarks/kernels.py, loaded from its path: ``import kernels`` may find the repository's kernels/ package
+    (the source of gka_kernels) first, depending on what pytest put on sys.path before."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location('gka_bench_kernels', os.path.join(ROOT, 'benchmarks', 'kernels.py'))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def _row(model, size, mode, img_s, act=1.0, **kw):
     return dict(model=model, img_size=size, batch=1, mode=mode, img_s=img_s, act_gib=act, ms=1e3 / img_s, **kw)
 
@@ -71,10 +81,27 @@ def test_model_specs_pass_arguments_to_timm():
             mb.model_spec(bad)
 
 
+def test_kernels_per_kernel_split_fits_each_kernel():
+    """benchmarks/kernels.py --kernel-split: each kernel's ms per step and fixed ms, a kernel absent at some N
+    counted as 0 there, largest default time first, and the markdown lists every kernel."""
+    kb = _kernels_bench()
+    per_n = {n: {'_solve': 0.2 + 0.03 * n, '_bwd': 1.5 + 0.05 * n, 'copy': 0.1} for n in (10, 20, 30)}
+    per_n[10].pop('copy')
+    default = {'_solve': 0.9, '_bwd': 2.5, 'copy': 0.1}
+    ks = kb.per_kernel_split(per_n, default)
+    assert [k['kernel'] for k in ks] == ['_bwd', '_solve', 'copy']
+    assert ks[0]['ms_per_step'] == pytest.approx(0.05) and ks[0]['fixed_ms'] == pytest.approx(1.5)
+    assert ks[1]['ms_per_step'] == pytest.approx(0.03) and ks[1]['fixed_ms'] == pytest.approx(0.2)
+    assert ks[2]['ms_by_n'][10] == 0.0 and ks[2]['ms_per_step'] == pytest.approx(0.005)
+    md = kb.kernel_split_markdown([dict(shape='B1 T2 H3 D64', kernels=ks, total_default_ms=3.5,
+                                        total_fixed_ms=sum(k['fixed_ms'] for k in ks))])
+    assert all(f'| {name} |' in md for name in ('_bwd', '_solve', 'copy'))
+
+
 def test_kernels_iteration_split_separates_step_cost_from_fixed_cost():
     """benchmarks/kernels.py --iter-split: slope and intercept of the forward and of the backward (fwd+bwd minus
     fwd) over num_iter, and the step's product rate, on made-up times with a known answer."""
-    import kernels as kb
+    kb = _kernels_bench()
     fwd = {10: 1.0 + 10 * 0.05, 20: 1.0 + 20 * 0.05, 30: 1.0 + 30 * 0.05}
     fb = {n: fwd[n] + 2.0 + n * 0.1 for n in fwd}   # backward: 2 ms fixed, 0.1 ms per step
     out = kb.iteration_split(fwd, fb, tokens=1000, D=64, fwd_chunk=64)

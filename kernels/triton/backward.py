@@ -26,7 +26,7 @@ from ..torch_chunk.readout import readout_backward
 from .backward_kernels import _bwd_chunk_kernel, _bwd_inter_kernel
 from .config import backward_chunk_size, backward_state_chunk
 from .solve import _num_warps, _omegas, acc_precision, chunk_adjoint_solve, dot_mode, solve_schedule
-from .state_pass import chunk_states, gram_and_kv_states, scan_increments
+from .state_pass import backward_states, chunk_states, gram_and_kv_states, scan_increments
 
 
 def _reverse_cumsum(x: torch.Tensor) -> torch.Tensor:
@@ -41,7 +41,7 @@ def _frob_inner(a: Optional[torch.Tensor], b: torch.Tensor) -> torch.Tensor:
 
 class _Recomputed(NamedTuple):
     do: torch.Tensor
-    qt: torch.Tensor
+    qt: Optional[torch.Tensor]
     H0s: torch.Tensor
     HT: Optional[torch.Tensor]
     U0s: torch.Tensor
@@ -51,23 +51,39 @@ class _Recomputed(NamedTuple):
     acc: str
 
 
-def _recompute(q, k, v, g, alpha, h0, u0, x, do, dHT, dUT, num_iter, scale, C) -> _Recomputed:
-    """What both backward paths rebuild first: chunk-entry Gram and KV states, the mixed query q̃ and the
-    reverse pass of the readout's state gradient (from do and the final KV-state gradient)."""
+def _recompute(q, k, v, g, alpha, h0, u0, x, do, dHT, dUT, num_iter, scale, C, want_qt=False) -> _Recomputed:
+    """What both backward paths rebuild first: chunk-entry Gram and KV states, the reverse pass of the readout's
+    state gradient (from do and the final KV-state gradient) and, with ``want_qt``, the mixed query q̃ in fp32.
+
+    The reverse pass mixes q̃ = q + α·(x − q) as it loads it: building it in torch first took four elementwise
+    kernels over [B, T, H, D] fp32 (0.3-0.4 ms of 6.4 at B16 T4096 H6 on the H100, KERNEL_NOTES.md v25).
+    ``GKA_TRITON_MIX_QT=0`` builds it in torch instead (A/B). The three passes run in one launch
+    (``state_pass.backward_states``); ``GKA_TRITON_STATE_TRIPLE=0`` runs the Gram and KV pair and the reverse pass
+    as two."""
     B, T, H, _ = q.shape
     # do in v's dtype (autograd hands it so): the kernels treat its tiles as exact in that dtype (dots.py)
     do = v.new_zeros(B, T, H, v.shape[-1]) if do is None else do.to(v.dtype).contiguous()
     acc = acc_precision(q.dtype)
-    (H0s, HT), (U0s, UT) = gram_and_kv_states(k, v, g, h0, u0, C, want_final=dHT is not None or dUT is not None,
-                                              prec=acc)
     f32 = torch.float32
-    qt = q.to(f32) + alpha.to(f32)[..., None] * (x - q.to(f32)) if num_iter > 0 else q
-    RU, dU_init = chunk_states(qt, do, g, dUT, C, reverse=True, scale=scale, prec=acc)
-    return _Recomputed(do, qt, H0s, HT, U0s, UT, RU, dU_init, acc)
+    in_kernel = num_iter > 0 and not want_qt and os.environ.get('GKA_TRITON_MIX_QT', '1') != '0'
+    if num_iter > 0 and not in_kernel:
+        qt = q.to(f32) + alpha.to(f32)[..., None] * (x - q.to(f32))
+    else:
+        qt = q
+    mix = (x.contiguous(), alpha.contiguous()) if in_kernel else None
+    want_final = dHT is not None or dUT is not None
+    if os.environ.get('GKA_TRITON_STATE_TRIPLE', '1') != '0' and k.dtype == v.dtype and (h0 is None) == (u0 is None):
+        (H0s, HT), (U0s, UT), (RU, dU_init) = backward_states(
+            k.contiguous(), v.contiguous(), g.contiguous(), h0, u0, qt.contiguous(), do, dUT, C, scale, want_final,
+            acc, mix)
+    else:
+        (H0s, HT), (U0s, UT) = gram_and_kv_states(k, v, g, h0, u0, C, want_final=want_final, prec=acc)
+        RU, dU_init = chunk_states(qt, do, g, dUT, C, reverse=True, scale=scale, prec=acc, mix=mix)
+    return _Recomputed(do, qt if want_qt else None, H0s, HT, U0s, UT, RU, dU_init, acc)
 
 
 def chunk_backward(q, k, v, g, alpha, h0, u0, x, f, do, dHT, dUT, num_iter, r, scale, C, dot):
-    """Gradients w.r.t. q, k, v, g, alpha, h0, u0 (q/v/alpha gradients in their dtypes, the rest fp32; the h0
+    """Gradients w.r.t. q, k, v, g, alpha, h0, u0 (q/k/v/alpha gradients in their dtypes, the rest fp32; the h0
     gradient None when nothing depends on it).
 
     x, f: the forward's solve outputs [B, T, H, D] and norms [B, T, H] (fp32), None when num_iter = 0.
@@ -111,7 +127,11 @@ def chunk_backward(q, k, v, g, alpha, h0, u0, x, f, do, dHT, dUT, num_iter, r, s
             inc = torch.zeros(B * H, NC, D, D, device=q.device, dtype=f32)
         last = torch.exp(torch.nn.functional.pad(g, (0, 0, 0, NC * C - T)).view(B, NC, C, H).sum(2))
         RH, dH_init = scan_increments(inc, last.permute(0, 2, 1).reshape(B * H, NC), dHT, reverse=True)
-        _bwd_inter_kernel[(B * H, NC)](k, g, RH, dk, dgam, T, H, NC, D=D, C=C, ACC=acc, num_warps=4)
+        dk32, dk = dk, torch.empty_like(k)
+        _bwd_inter_kernel[(B * H, NC)](k, g, RH, dk32, dk, dgam, T, H, NC, D=D, C=C, ACC=acc, num_warps=4)
+        del dk32
+    else:
+        dk = dk.to(k.dtype)
     # the returned final states depend on every log-decay: ∂Γ of the last token gets ⟨dState, State⟩
     if dHT is not None:
         dgam[:, -1] += _frob_inner(dHT, HT)
@@ -129,7 +149,7 @@ def chunk_backward_hybrid(q, k, v, g, alpha, h0, u0, x, f, do, dHT, dUT, num_ite
     B, T, H, D = q.shape
     DV = v.shape[-1]
     f32 = torch.float32
-    rc = _recompute(q, k, v, g, alpha, h0, u0, x, do, dHT, dUT, num_iter, scale, C)
+    rc = _recompute(q, k, v, g, alpha, h0, u0, x, do, dHT, dUT, num_iter, scale, C, want_qt=True)
     do, qt, H0s, HT, U0s, UT, RU, dU_init, acc = rc
     NC = H0s.shape[1]
 

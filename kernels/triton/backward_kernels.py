@@ -156,11 +156,11 @@ def _bwd_chunk_kernel(
 
 @triton.jit
 def _bwd_inter_kernel(
-        k_ptr, g_ptr, rh_ptr, dk_ptr, dgam_ptr, T, H, NC,
+        k_ptr, g_ptr, rh_ptr, dk_ptr, dk_out_ptr, dgam_ptr, T, H, NC,
         D: tl.constexpr, C: tl.constexpr, ACC: tl.constexpr,
 ):
     """dk_σ += b_σ (R + Rᵀ) k_σ with R the gradient w.r.t. the chunk's exit Gram, and the matching −½ k·dk in
-    the ∂Γ of the same token."""
+    the ∂Γ of the same token. The sum goes to dk_out in its dtype (k's: no separate cast of the fp32 dk)."""
     bh = tl.program_id(0).to(tl.int64)   # b·h on the axis without the 65,535 limit
     ic = tl.program_id(1)
     b = bh // H
@@ -177,6 +177,6 @@ def _bwd_inter_kernel(
     R = tl.load(rh_ptr + (bh * NC + ic) * D * D + rd[:, None] * D + rd[None, :])
     inter = bdec[:, None] * (_xdot(K, R, True, False, ACC) + _xdot(K, tl.trans(R), True, False, ACC))
     dk = tl.load(dk_ptr + pk, mask=tm[:, None], other=0.0)
-    tl.store(dk_ptr + pk, dk + inter, mask=tm[:, None])
+    tl.store(dk_out_ptr + pk, (dk + inter).to(dk_out_ptr.dtype.element_ty), mask=tm[:, None])
     dg = tl.load(dgam_ptr + row, mask=tm, other=0.0)
     tl.store(dgam_ptr + row, dg - 0.5 * tl.sum(K * inter, 1), mask=tm)

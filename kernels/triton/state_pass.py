@@ -5,7 +5,8 @@
               (Gram: a = x = k; KV state: a = k, x = v)
     reverse:  R_{NC-1} = init,  R_{c-1} = last_c·R_c + scale·Σ_{τ∈c} exp(gc_τ)·a_τ x_τᵀ
               (readout gradient: a = q̃, x = do)
-and ``scan_increments`` runs the same recurrence over increments that were computed elsewhere.
+and ``scan_increments`` runs the same recurrence over increments that were computed elsewhere. The reverse pass may
+mix its a-stream on the fly (``mix``: a = q + α·(x − q), the backward's q̃), so the fp32 q̃ is never written.
 States are fp32; the per-chunk products are fp32-like (dots.py).
 """
 from __future__ import annotations
@@ -35,10 +36,11 @@ def _chunk_update(cur, A, X, gl, scale, REVERSE: tl.constexpr, PREC: tl.constexp
 
 @triton.jit
 def _states_tile(a_base, x_base, g_base, init_ptr, states_ptr, final_ptr, bh, ia, ix, T, NC, scale, s_at, s_xt, s_gt,
+                 m_base, al_base, s_mt, s_alt,
                  DA: tl.constexpr, DX: tl.constexpr, C: tl.constexpr, BA: tl.constexpr, BX: tl.constexpr,
                  HAS_INIT: tl.constexpr, STORE_FINAL: tl.constexpr, REVERSE: tl.constexpr, PREC: tl.constexpr,
-                 X_EXACT: tl.constexpr):
-    """One [BA, BX] tile of one (b, h)'s states, serial over the chunks."""
+                 X_EXACT: tl.constexpr, MIX: tl.constexpr):
+    """One [BA, BX] tile of one (b, h)'s states, serial over the chunks. MIX: the a-stream is a + α·(m − a)."""
     ra = ia * BA + tl.arange(0, BA)
     rx = ix * BX + tl.arange(0, BX)
     rc = tl.arange(0, C)
@@ -56,6 +58,10 @@ def _states_tile(a_base, x_base, g_base, init_ptr, states_ptr, final_ptr, bh, ia
         tm = t < T
         gl = tl.load(g_base + t * s_gt, mask=tm, other=0.0).to(tl.float32)
         A = tl.load(a_base + t[:, None] * s_at + ra[None, :], mask=tm[:, None], other=0.0).to(tl.float32)
+        if MIX:
+            Mx = tl.load(m_base + t[:, None] * s_mt + ra[None, :], mask=tm[:, None], other=0.0).to(tl.float32)
+            al = tl.load(al_base + t * s_alt, mask=tm, other=0.0).to(tl.float32)
+            A = A + al[:, None] * (Mx - A)
         X = tl.load(x_base + t[:, None] * s_xt + rx[None, :], mask=tm[:, None], other=0.0).to(tl.float32)
         tl.store(states_ptr + (bh * NC + c) * DA * DX + tile, cur)
         cur = _chunk_update(cur, A, X, gl, scale, REVERSE, PREC, X_EXACT)
@@ -66,18 +72,21 @@ def _states_tile(a_base, x_base, g_base, init_ptr, states_ptr, final_ptr, bh, ia
 @triton.jit
 def _chunk_states_kernel(
         a_ptr, x_ptr, g_ptr, init_ptr, states_ptr, final_ptr,
-        x2_ptr, init2_ptr, states2_ptr, final2_ptr,
+        x2_ptr, init2_ptr, states2_ptr, final2_ptr, m_ptr, al_ptr,
         T, H, NC, scale,
         s_ab, s_at, s_ah,
+        s_mb, s_mt, s_mh,
+        s_alb, s_alt, s_alh,
         s_xb, s_xt, s_xh,
         s_x2b, s_x2t, s_x2h,
         s_gb, s_gt, s_gh,
         DA: tl.constexpr, DX: tl.constexpr, DX2: tl.constexpr, C: tl.constexpr, BA: tl.constexpr,
         BX: tl.constexpr, HAS_INIT: tl.constexpr, STORE_FINAL: tl.constexpr, REVERSE: tl.constexpr,
-        PREC: tl.constexpr, X_EXACT: tl.constexpr, PAIR: tl.constexpr,
+        PREC: tl.constexpr, X_EXACT: tl.constexpr, PAIR: tl.constexpr, MIX: tl.constexpr,
 ):
     """PAIR: the grid's last axis also covers a second stream x2 (same a and decays) with its own states, so the
-    forward's Gram and KV passes run in one launch (programs ix ≥ DX / BX take x2)."""
+    forward's Gram and KV passes run in one launch (programs ix ≥ DX / BX take x2). MIX: the a-stream mixed with
+    m by the per-token weights al (``_states_tile``)."""
     bh = tl.program_id(0).to(tl.int64)   # b·h on the axis without the 65,535 limit
     ia = tl.program_id(1)
     ix = tl.program_id(2)
@@ -85,19 +94,21 @@ def _chunk_states_kernel(
     h = bh % H
     a_base = a_ptr + b * s_ab + h * s_ah
     g_base = g_ptr + b * s_gb + h * s_gh
+    m_base = m_ptr + b * s_mb + h * s_mh
+    al_base = al_ptr + b * s_alb + h * s_alh
     if PAIR:
         if ix >= DX // BX:
             _states_tile(a_base, x2_ptr + b * s_x2b + h * s_x2h, g_base, init2_ptr, states2_ptr, final2_ptr, bh, ia,
-                         ix - DX // BX, T, NC, scale, s_at, s_x2t, s_gt, DA, DX2, C, BA, BX, HAS_INIT, STORE_FINAL,
-                         REVERSE, PREC, X_EXACT)
+                         ix - DX // BX, T, NC, scale, s_at, s_x2t, s_gt, m_base, al_base, s_mt, s_alt, DA, DX2, C,
+                         BA, BX, HAS_INIT, STORE_FINAL, REVERSE, PREC, X_EXACT, MIX)
         else:
             _states_tile(a_base, x_ptr + b * s_xb + h * s_xh, g_base, init_ptr, states_ptr, final_ptr, bh, ia, ix,
-                         T, NC, scale, s_at, s_xt, s_gt, DA, DX, C, BA, BX, HAS_INIT, STORE_FINAL, REVERSE, PREC,
-                         X_EXACT)
+                         T, NC, scale, s_at, s_xt, s_gt, m_base, al_base, s_mt, s_alt, DA, DX, C, BA, BX, HAS_INIT,
+                         STORE_FINAL, REVERSE, PREC, X_EXACT, MIX)
     else:
         _states_tile(a_base, x_ptr + b * s_xb + h * s_xh, g_base, init_ptr, states_ptr, final_ptr, bh, ia, ix,
-                     T, NC, scale, s_at, s_xt, s_gt, DA, DX, C, BA, BX, HAS_INIT, STORE_FINAL, REVERSE, PREC,
-                     X_EXACT)
+                     T, NC, scale, s_at, s_xt, s_gt, m_base, al_base, s_mt, s_alt, DA, DX, C, BA, BX, HAS_INIT,
+                     STORE_FINAL, REVERSE, PREC, X_EXACT, MIX)
 
 
 def _tile(d: int, bh: int) -> int:
@@ -117,14 +128,16 @@ def _tile(d: int, bh: int) -> int:
 
 def chunk_states(a: torch.Tensor, x: torch.Tensor, g: torch.Tensor, init: Optional[torch.Tensor], chunk_size: int,
                  reverse: bool = False, scale: float = 1.0, want_final: bool = True, prec: str = 'ieee',
+                 mix: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
                  ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """a [B, T, H, DA], x [B, T, H, DX] (unit stride on the last dim), g [B, T, H] log-decays.
 
     Returns the per-chunk states [B·H, NC, DA, DX] fp32 (entry states forward, exit states in reverse) and the
     state after the whole pass (the final state forward, the gradient w.r.t. the initial state in reverse).
     ``prec``: operand precision of the per-chunk dot ('ieee' exact fp32, 'tf32x3' fp32-like on tensor cores, 'bf16x3'
-    for bf16 inputs: dots.py)."""
-    return _launch(a, [(x, init)], g, chunk_size, reverse, scale, want_final, prec)[0]
+    for bf16 inputs: dots.py). ``mix`` = (m [B, T, H, DA] unit stride on the last dim, al [B, T, H]): the a-stream
+    is a + al·(m − a), computed in fp32 as it is loaded (the backward's q̃ = q + α·(x − q) without an fp32 copy)."""
+    return _launch(a, [(x, init)], g, chunk_size, reverse, scale, want_final, prec, mix)[0]
 
 
 def gram_and_kv_states(k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, h0: Optional[torch.Tensor],
@@ -140,8 +153,9 @@ def gram_and_kv_states(k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, h0: Op
             chunk_states(k, v, g, u0, chunk_size, want_final=want_final, prec=prec))
 
 
-def _launch(a, streams, g, chunk_size, reverse, scale, want_final, prec):
-    """One launch of the state pass over one or two (x, init) streams sharing a and g."""
+def _launch(a, streams, g, chunk_size, reverse, scale, want_final, prec, mix=None):
+    """One launch of the state pass over one or two (x, init) streams sharing a and g (a mixed as ``chunk_states``
+    says when mix is given)."""
     B, T, H, DA = a.shape
     NC = triton.cdiv(T, chunk_size)
     outs, inits = [], []
@@ -157,19 +171,101 @@ def _launch(a, streams, g, chunk_size, reverse, scale, want_final, prec):
     BX = min(_tile(x.shape[-1], B * H), _tile(x2.shape[-1], B * H))
     pair = len(streams) == 2
     nx = x.shape[-1] // BX + (x2.shape[-1] // BX if pair else 0)
+    m, al = mix if mix is not None else (a, g)   # placeholders when not mixing (MIX=False reads neither)
     _chunk_states_kernel[(B * H, DA // BA, nx)](
-        a, x, g, inits[0], states, final, x2, inits[-1], states2, final2,
+        a, x, g, inits[0], states, final, x2, inits[-1], states2, final2, m, al,
         T, H, NC, float(scale),
         a.stride(0), a.stride(1), a.stride(2),
+        m.stride(0), m.stride(1), m.stride(2),
+        al.stride(0), al.stride(1), al.stride(2),
         x.stride(0), x.stride(1), x.stride(2),
         x2.stride(0), x2.stride(1), x2.stride(2),
         g.stride(0), g.stride(1), g.stride(2),
         DA=DA, DX=x.shape[-1], DX2=x2.shape[-1], C=chunk_size, BA=BA, BX=BX,
         HAS_INIT=init is not None, STORE_FINAL=want_final, REVERSE=reverse, PREC=prec,
-        X_EXACT=x.dtype == torch.bfloat16, PAIR=pair,
+        X_EXACT=x.dtype == torch.bfloat16, PAIR=pair, MIX=mix is not None,
         num_warps=4,
     )
     return [(st, fi if want_final else None) for st, fi in outs]
+
+
+@triton.jit
+def _backward_states_kernel(
+        k_ptr, v_ptr, g_ptr, q_ptr, do_ptr, m_ptr, al_ptr,
+        h0_ptr, H0s_ptr, HT_ptr, u0_ptr, U0s_ptr, UT_ptr, du_ptr, RU_ptr, dU_ptr,
+        T, H, NC, scale,
+        D: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, BA: tl.constexpr, BX: tl.constexpr,
+        HAS_INIT: tl.constexpr, HAS_DU: tl.constexpr, STORE_FINAL: tl.constexpr, PREC: tl.constexpr,
+        X_EXACT: tl.constexpr, MIX: tl.constexpr,
+):
+    """The backward's three state passes in one launch (``backward_states``), contiguous [B, T, H, ·] inputs: the
+    grid's last axis covers the Gram tiles, then the KV tiles, then the reverse readout-gradient tiles."""
+    bh = tl.program_id(0).to(tl.int64)   # b·h on the axis without the 65,535 limit
+    ia = tl.program_id(1)
+    ix = tl.program_id(2)
+    b = bh // H
+    h = bh % H
+    tok = b * T * H + h                  # row of (b, 0, h) in [B, T, H]
+    g_base = g_ptr + tok
+    k_base = k_ptr + tok * D
+    if ix < D // BX:
+        _states_tile(k_base, k_base, g_base, h0_ptr, H0s_ptr, HT_ptr, bh, ia, ix, T, NC, 1.0, H * D, H * D, H,
+                     k_base, g_base, H * D, H, D, D, C, BA, BX, HAS_INIT, STORE_FINAL, False, PREC, X_EXACT, False)
+    elif ix < D // BX + DV // BX:
+        _states_tile(k_base, v_ptr + tok * DV, g_base, u0_ptr, U0s_ptr, UT_ptr, bh, ia, ix - D // BX, T, NC, 1.0,
+                     H * D, H * DV, H, k_base, g_base, H * D, H, D, DV, C, BA, BX, HAS_INIT, STORE_FINAL, False,
+                     PREC, X_EXACT, False)
+    else:
+        _states_tile(q_ptr + tok * D, do_ptr + tok * DV, g_base, du_ptr, RU_ptr, dU_ptr, bh, ia,
+                     ix - D // BX - DV // BX, T, NC, scale, H * D, H * DV, H, m_ptr + tok * D, al_ptr + tok, H * D, H,
+                     D, DV, C, BA, BX, HAS_DU, True, True, PREC, X_EXACT, MIX)
+
+
+def backward_states(k, v, g, h0, u0, q, do, du, chunk_size: int, scale: float, want_final: bool, prec: str,
+                    mix: Optional[Tuple[torch.Tensor, torch.Tensor]] = None):
+    """``gram_and_kv_states(k, v, g, h0, u0, …)`` and ``chunk_states(q, do, g, du, …, reverse=True, mix=mix)`` in one
+    launch: the three passes are serial over chunks and latency-bound, so side by side they take about the time of
+    one (KERNEL_NOTES.md v25). The same arithmetic per program as the separate passes, so the same states bit for
+    bit. All of k, v, g, q, do (and mix's tensors) contiguous; h0 and u0 both given or both None.
+    Returns ((H0s, HT), (U0s, UT), (RU, dU_init)); HT and UT None unless want_final."""
+    B, T, H, D = k.shape
+    DV = v.shape[-1]
+    NC = triton.cdiv(T, chunk_size)
+    for name, t in (('k', k), ('v', v), ('g', g), ('q', q), ('do', do)) + (
+            (('mix x', mix[0]), ('mix alpha', mix[1])) if mix is not None else ()):
+        if not t.is_contiguous():
+            raise ValueError(f'backward_states: {name} must be contiguous')
+    if (h0 is None) != (u0 is None):
+        raise ValueError('backward_states: h0 and u0 must both be given or both be None')
+    f32 = torch.float32
+
+    def states(dx):
+        return torch.empty(B * H, max(NC, 1), D, dx, device=k.device, dtype=f32)
+
+    def final(dx, keep=True):
+        return torch.empty(B * H, D, dx, device=k.device, dtype=f32) if keep else None
+
+    H0s, U0s, RU = states(D), states(DV), states(DV)
+    HT, UT, dU = final(D, want_final), final(DV, want_final), final(DV)
+
+    def init(t, dx):
+        return t.to(f32).reshape(B * H, D, dx).contiguous() if t is not None else None
+
+    h0_, u0_, du_ = init(h0, D), init(u0, DV), init(du, DV)
+    BA = _tile(D, B * H)
+    BX = min(_tile(D, B * H), _tile(DV, B * H))
+    m, al = mix if mix is not None else (q, g)   # placeholders when not mixing (MIX=False reads neither)
+    _backward_states_kernel[(B * H, D // BA, D // BX + 2 * (DV // BX))](
+        k, v, g, q, do, m, al,
+        h0_ if h0_ is not None else H0s, H0s, HT if want_final else H0s,
+        u0_ if u0_ is not None else U0s, U0s, UT if want_final else U0s,
+        du_ if du_ is not None else RU, RU, dU,
+        T, H, NC, float(scale),
+        D=D, DV=DV, C=chunk_size, BA=BA, BX=BX, HAS_INIT=h0 is not None, HAS_DU=du is not None,
+        STORE_FINAL=want_final, PREC=prec, X_EXACT=v.dtype == torch.bfloat16, MIX=mix is not None,
+        num_warps=4,
+    )
+    return (H0s, HT), (U0s, UT), (RU, dU)
 
 
 @triton.jit
