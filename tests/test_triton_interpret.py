@@ -352,33 +352,6 @@ def test_reverse_state_pass_mixes_the_query_in_kernel():
 
 
 @cases
-def test_backward_state_passes_in_one_launch_are_exact():
-    """The backward's Gram, KV and reverse readout-gradient passes in one launch (the default;
-    GKA_TRITON_STATE_TRIPLE=0 runs a pair and a single pass): the same states bit for bit, with and without initial
-    states, DV ≠ D, the in-kernel q̃ mix; the same gradients through the whole operator."""
-    from gka_kernels.triton.state_pass import backward_states, chunk_states, gram_and_kv_states
-    for D, DV, dtype, init, mixed in ((32, 32, torch.float32, False, True), (32, 64, torch.float16, True, False),
-                                      (64, 32, torch.float32, True, True)):
-        q, k, v, g, a = make_inputs(2, 45, 2, D, dtype, Dv=DV)
-        do = torch.randn(2, 45, 2, DV).to(dtype)
-        x = torch.randn(2, 45, 2, D)
-        h0, u0 = _states(2, 2, D, DV, torch.float32) if init else (None, None)
-        du = torch.randn(2, 2, D, DV) if init else None
-        mix = (x, a) if mixed else None
-        sep = gram_and_kv_states(k, v, g, h0, u0, 16) + (
-            chunk_states(q, do, g, du, 16, reverse=True, scale=0.7, mix=mix),)
-        one = backward_states(k, v, g, h0, u0, q, do, du, 16, 0.7, True, 'ieee', mix)
-        for (s1, f1), (s2, f2) in zip(sep, one):
-            assert torch.equal(s1, s2) and torch.equal(f1, f2), (D, DV, dtype, init, mixed)
-    with pytest.raises(ValueError, match='contiguous'):
-        backward_states(k, v, g, h0, u0, q.transpose(1, 2).contiguous().transpose(1, 2), do, du, 16, 0.7, True,
-                        'ieee')
-    for env, got, whole in _chained_runs(16, [{'GKA_TRITON_STATE_TRIPLE': '0'}]):
-        for name, a_, b_ in zip(_CHAINED, got, whole):
-            assert torch.equal(a_, b_), f'{env} {name}: max diff {(a_ - b_).abs().max():.2e}'
-
-
-@cases
 def test_segments_hold_one_segment_of_states():
     """A segmented forward frees each segment's chunk states before the next segment's exist: the peak of live
     bytes is the outputs plus one segment's states (it held two while the loop variable kept the last ones)."""

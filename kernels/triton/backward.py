@@ -26,7 +26,7 @@ from ..torch_chunk.readout import readout_backward
 from .backward_kernels import _bwd_chunk_kernel, _bwd_inter_kernel
 from .config import backward_chunk_size, backward_state_chunk
 from .solve import _num_warps, _omegas, acc_precision, chunk_adjoint_solve, dot_mode, solve_schedule
-from .state_pass import backward_states, chunk_states, gram_and_kv_states, scan_increments
+from .state_pass import chunk_states, gram_and_kv_states, scan_increments
 
 
 def _reverse_cumsum(x: torch.Tensor) -> torch.Tensor:
@@ -57,9 +57,7 @@ def _recompute(q, k, v, g, alpha, h0, u0, x, do, dHT, dUT, num_iter, scale, C, w
 
     The reverse pass mixes q̃ = q + α·(x − q) as it loads it: building it in torch first took four elementwise
     kernels over [B, T, H, D] fp32 (0.3-0.4 ms of 6.4 at B16 T4096 H6 on the H100, KERNEL_NOTES.md v25).
-    ``GKA_TRITON_MIX_QT=0`` builds it in torch instead (A/B). The three passes run in one launch
-    (``state_pass.backward_states``); ``GKA_TRITON_STATE_TRIPLE=0`` runs the Gram and KV pair and the reverse pass
-    as two."""
+    ``GKA_TRITON_MIX_QT=0`` builds it in torch instead (A/B)."""
     B, T, H, _ = q.shape
     # do in v's dtype (autograd hands it so): the kernels treat its tiles as exact in that dtype (dots.py)
     do = v.new_zeros(B, T, H, v.shape[-1]) if do is None else do.to(v.dtype).contiguous()
@@ -71,14 +69,9 @@ def _recompute(q, k, v, g, alpha, h0, u0, x, do, dHT, dUT, num_iter, scale, C, w
     else:
         qt = q
     mix = (x.contiguous(), alpha.contiguous()) if in_kernel else None
-    want_final = dHT is not None or dUT is not None
-    if os.environ.get('GKA_TRITON_STATE_TRIPLE', '1') != '0' and k.dtype == v.dtype and (h0 is None) == (u0 is None):
-        (H0s, HT), (U0s, UT), (RU, dU_init) = backward_states(
-            k.contiguous(), v.contiguous(), g.contiguous(), h0, u0, qt.contiguous(), do, dUT, C, scale, want_final,
-            acc, mix)
-    else:
-        (H0s, HT), (U0s, UT) = gram_and_kv_states(k, v, g, h0, u0, C, want_final=want_final, prec=acc)
-        RU, dU_init = chunk_states(qt, do, g, dUT, C, reverse=True, scale=scale, prec=acc, mix=mix)
+    (H0s, HT), (U0s, UT) = gram_and_kv_states(k, v, g, h0, u0, C, want_final=dHT is not None or dUT is not None,
+                                              prec=acc)
+    RU, dU_init = chunk_states(qt, do, g, dUT, C, reverse=True, scale=scale, prec=acc, mix=mix)
     return _Recomputed(do, qt if want_qt else None, H0s, HT, U0s, UT, RU, dU_init, acc)
 
 
