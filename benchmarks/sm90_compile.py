@@ -23,7 +23,7 @@ from triton.compiler import ASTSource
 
 from gka_kernels.triton.backward_kernels import _bwd_chunk_kernel
 from gka_kernels.triton.solve import _chunk_solve_kernel
-from gka_kernels.triton.state_pass import _chunk_states_kernel
+from gka_kernels.triton.state_pass import _chunk_increments_kernel, _chunk_states_kernel
 
 FLOAT_ARGS = ('r', 'scale', 'f_min')
 BF16_PTRS = {'q_ptr', 'k_ptr', 'v_ptr', 'al_ptr', 'do_ptr', 'dq_ptr', 'dv_ptr', 'x_ptr', 'o_ptr', 'a_ptr', 'x2_ptr'}
@@ -49,7 +49,8 @@ def compile_counts(kernel, const: dict, num_warps: int, fp32_ptrs=()) -> dict:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     p.add_argument('--kernel', choices=['solve', 'bwd', 'both', 'states'], default='both',
-                   help='states: the forward state pass, alone and as the Gram + KV pair (GKA_TRITON_STATE_PAIR)')
+                   help='states: the forward state pass, alone and as the Gram + KV pair (GKA_TRITON_STATE_PAIR), and '
+                        'the parallel level of the two-level pass (GKA_TRITON_STATE_SCAN=2)')
     p.add_argument('--mode', type=int, default=5)
     p.add_argument('--chunk', type=int, default=64, help='forward chunk (the fused backward always tiles 16)')
     p.add_argument('--dim', type=int, default=64)
@@ -76,9 +77,13 @@ def main(argv=None):
     if args.kernel == 'states':
         for pair in (False, True):
             const = dict(DA=args.dim, DX=args.dim, DX2=args.dim, C=args.chunk, BA=32, BX=32, HAS_INIT=True,
-                         STORE_FINAL=True, REVERSE=False, PREC='bf16x3', X_EXACT=True, PAIR=pair)
+                         STORE_FINAL=True, REVERSE=False, PREC='bf16x3', X_EXACT=True, PAIR=pair, MIX=False)
             res = compile_counts(_chunk_states_kernel, const, 4)
             print(f'state pass     D={args.dim} C={args.chunk} PAIR={pair} warps=4: {res}')
+            const = dict(DA=args.dim, DX=args.dim, DX2=args.dim, C=args.chunk, REVERSE=False, PREC='bf16x3',
+                         X_EXACT=True, PAIR=pair, MIX=False)
+            res = compile_counts(_chunk_increments_kernel, const, 4)
+            print(f'increments     D={args.dim} C={args.chunk} PAIR={pair} warps=4: {res}')
     if args.kernel in ('bwd', 'both'):
         warps = args.warps or _num_warps(args.dim, 16)
         for sr in (1, 2, 4):   # sub-chunks per recomputed state chunk (config.backward_state_chunk): 16, 32, 64

@@ -352,6 +352,38 @@ def test_reverse_state_pass_mixes_the_query_in_kernel():
 
 
 @cases
+def test_two_level_state_pass_matches_serial(monkeypatch):
+    """GKA_TRITON_STATE_SCAN=2: the chunks' increments in parallel, then the serial multiply-add scan in place. The
+    same states and final states as the one-level pass to fp32 rounding: forward and reverse, one stream and the
+    Gram + KV pair, with and without initial states, DV ≠ D, a ragged tail, the in-kernel q̃ mix; and the same
+    outputs and gradients through the whole operator."""
+    from gka_kernels.triton.state_pass import chunk_states, gram_and_kv_states
+
+    def rel(a, b):
+        return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+    for D, DV, dtype, init in ((32, 32, torch.float32, False), (32, 64, torch.float16, True),
+                               (64, 32, torch.float32, True)):
+        q, k, v, g, a = make_inputs(2, 45, 2, D, dtype, Dv=DV)
+        x = torch.randn(2, 45, 2, D)
+        h0, u0 = _states(2, 2, D, DV, torch.float32) if init else (None, None)
+        du = torch.randn(2, 2, D, DV) if init else None
+        runs = {}
+        for scan in ('1', '2'):
+            monkeypatch.setenv('GKA_TRITON_STATE_SCAN', scan)
+            runs[scan] = gram_and_kv_states(k, v, g, h0, u0, 16) + (
+                chunk_states(q, v, g, du, 16, reverse=True, scale=0.7, mix=(x, a)),
+                chunk_states(k, v, g, u0, 16, want_final=False))
+        for i, ((s1, f1), (s2, f2)) in enumerate(zip(runs['1'], runs['2'])):
+            assert rel(s2, s1) < 1e-6, (D, DV, dtype, init, i, rel(s2, s1))
+            assert (f1 is None) == (f2 is None) and (f1 is None or rel(f2, f1) < 1e-6), (D, DV, dtype, init, i)
+    monkeypatch.delenv('GKA_TRITON_STATE_SCAN')
+    for env, got, whole in _chained_runs(16, [{'GKA_TRITON_STATE_SCAN': '2'}]):
+        for name, a_, b_ in zip(_CHAINED, got, whole):
+            assert rel(a_, b_) < 1e-5, f'{env} {name}: rel. error {rel(a_, b_):.2e}'
+
+
+@cases
 def test_segments_hold_one_segment_of_states():
     """A segmented forward frees each segment's chunk states before the next segment's exist: the peak of live
     bytes is the outputs plus one segment's states (it held two while the loop variable kept the last ones)."""

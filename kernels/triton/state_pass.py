@@ -7,6 +7,9 @@
               (readout gradient: a = q̃, x = do)
 and ``scan_increments`` runs the same recurrence over increments that were computed elsewhere. The reverse pass may
 mix its a-stream on the fly (``mix``: a = q + α·(x − q), the backward's q̃), so the fp32 q̃ is never written.
+``GKA_TRITON_STATE_SCAN=2`` (opt-in until timed) runs a pass in two levels: every chunk's increment in parallel,
+then the serial recurrence as a multiply-add scan; the one-level loop is latency-bound when few (b·h) run long
+sequences (KERNEL_NOTES.md v25).
 States are fp32; the per-chunk products are fp32-like (dots.py).
 """
 from __future__ import annotations
@@ -155,7 +158,9 @@ def gram_and_kv_states(k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, h0: Op
 
 def _launch(a, streams, g, chunk_size, reverse, scale, want_final, prec, mix=None):
     """One launch of the state pass over one or two (x, init) streams sharing a and g (a mixed as ``chunk_states``
-    says when mix is given)."""
+    says when mix is given). ``GKA_TRITON_STATE_SCAN=2`` runs it in two levels (``_launch_two_level``)."""
+    if os.environ.get('GKA_TRITON_STATE_SCAN', '1') == '2' and a.shape[1] > 0:
+        return _launch_two_level(a, streams, g, chunk_size, reverse, scale, want_final, prec, mix)
     B, T, H, DA = a.shape
     NC = triton.cdiv(T, chunk_size)
     outs, inits = [], []
@@ -190,6 +195,95 @@ def _launch(a, streams, g, chunk_size, reverse, scale, want_final, prec, mix=Non
 
 
 @triton.jit
+def _chunk_increments_kernel(
+        a_ptr, x_ptr, x2_ptr, g_ptr, m_ptr, al_ptr, inc_ptr, inc2_ptr, last_ptr,
+        T, H, NC, scale,
+        s_ab, s_at, s_ah,
+        s_mb, s_mt, s_mh,
+        s_alb, s_alt, s_alh,
+        s_xb, s_xt, s_xh,
+        s_x2b, s_x2t, s_x2h,
+        s_gb, s_gt, s_gh,
+        DA: tl.constexpr, DX: tl.constexpr, DX2: tl.constexpr, C: tl.constexpr, REVERSE: tl.constexpr,
+        PREC: tl.constexpr, X_EXACT: tl.constexpr, PAIR: tl.constexpr, MIX: tl.constexpr,
+):
+    """Level one of the two-level state pass: every chunk's own increment Σ w_σ·a_σ x_σᵀ (``_chunk_update`` from a
+    zero state), one program per (b·h, chunk, stream), all in parallel; the chunk's decay exp(Σ g) into last."""
+    bh = tl.program_id(0).to(tl.int64)   # b·h on the axis without the 65,535 limit
+    c = tl.program_id(1)
+    which = tl.program_id(2)
+    b = bh // H
+    h = bh % H
+    rc = tl.arange(0, C)
+    ra = tl.arange(0, DA)
+    t = c * C + rc
+    tm = t < T
+    gl = tl.load(g_ptr + b * s_gb + h * s_gh + t * s_gt, mask=tm, other=0.0).to(tl.float32)
+    A = tl.load(a_ptr + b * s_ab + h * s_ah + t[:, None] * s_at + ra[None, :], mask=tm[:, None],
+                other=0.0).to(tl.float32)
+    if MIX:
+        Mx = tl.load(m_ptr + b * s_mb + h * s_mh + t[:, None] * s_mt + ra[None, :], mask=tm[:, None],
+                     other=0.0).to(tl.float32)
+        al = tl.load(al_ptr + b * s_alb + h * s_alh + t * s_alt, mask=tm, other=0.0).to(tl.float32)
+        A = A + al[:, None] * (Mx - A)
+    if which == 0:
+        rx = tl.arange(0, DX)
+        X = tl.load(x_ptr + b * s_xb + h * s_xh + t[:, None] * s_xt + rx[None, :], mask=tm[:, None],
+                    other=0.0).to(tl.float32)
+        inc = _chunk_update(tl.zeros([DA, DX], dtype=tl.float32), A, X, gl, scale, REVERSE, PREC, X_EXACT)
+        tl.store(inc_ptr + (bh * NC + c) * DA * DX + ra[:, None] * DX + rx[None, :], inc)
+        tl.store(last_ptr + bh * NC + c, tl.exp(tl.sum(gl, 0)))
+    else:
+        rx2 = tl.arange(0, DX2)
+        X2 = tl.load(x2_ptr + b * s_x2b + h * s_x2h + t[:, None] * s_x2t + rx2[None, :], mask=tm[:, None],
+                     other=0.0).to(tl.float32)
+        inc2 = _chunk_update(tl.zeros([DA, DX2], dtype=tl.float32), A, X2, gl, scale, REVERSE, PREC, X_EXACT)
+        tl.store(inc2_ptr + (bh * NC + c) * DA * DX2 + ra[:, None] * DX2 + rx2[None, :], inc2)
+
+
+def _scan_block(bh: int, size: int) -> int:
+    """Elements per program of the two-level pass's serial scan: 1,024, halved down to 128 while fewer than 512
+    programs would run (long sequences with few b·h are the latency-bound case)."""
+    block = min(size, 1024)
+    while block > 128 and bh * (size // block) < 512:
+        block //= 2
+    return block
+
+
+def _launch_two_level(a, streams, g, chunk_size, reverse, scale, want_final, prec, mix=None):
+    """``_launch`` in two levels (``GKA_TRITON_STATE_SCAN=2``): the chunks' increments in one parallel launch, written
+    where their states go, then the serial recurrence in place (``scan_increments``), whose step is one multiply-add
+    per element instead of a chunk's loads and products. Same results up to the order of fp32 rounding."""
+    B, T, H, DA = a.shape
+    NC = max(triton.cdiv(T, chunk_size), 1)
+    f32 = torch.float32
+    pair = len(streams) == 2
+    (x, _), (x2, _) = streams[0], streams[-1]
+    incs = [torch.empty(B * H, NC, DA, xs.shape[-1], device=a.device, dtype=f32) for xs, _ in streams]
+    last = torch.empty(B * H, NC, device=a.device, dtype=f32)
+    m, al = mix if mix is not None else (a, g)   # placeholders when not mixing (MIX=False reads neither)
+    _chunk_increments_kernel[(B * H, NC, 2 if pair else 1)](
+        a, x, x2, g, m, al, incs[0], incs[-1], last,
+        T, H, NC, float(scale),
+        a.stride(0), a.stride(1), a.stride(2),
+        m.stride(0), m.stride(1), m.stride(2),
+        al.stride(0), al.stride(1), al.stride(2),
+        x.stride(0), x.stride(1), x.stride(2),
+        x2.stride(0), x2.stride(1), x2.stride(2),
+        g.stride(0), g.stride(1), g.stride(2),
+        DA=DA, DX=x.shape[-1], DX2=x2.shape[-1], C=chunk_size, REVERSE=reverse, PREC=prec,
+        X_EXACT=x.dtype == torch.bfloat16, PAIR=pair, MIX=mix is not None,
+        num_warps=4,
+    )
+    outs = []
+    for inc, (_, init) in zip(incs, streams):
+        states, final = scan_increments(inc, last, init, reverse, out=inc,
+                                        block=_scan_block(B * H, inc.shape[-1] * inc.shape[-2]))
+        outs.append((states, final if want_final else None))
+    return outs
+
+
+@triton.jit
 def _scan_increments_kernel(
         inc_ptr, last_ptr, init_ptr, out_ptr, final_ptr, NC,
         SIZE: tl.constexpr, BLOCK: tl.constexpr, HAS_INIT: tl.constexpr, REVERSE: tl.constexpr,
@@ -207,22 +301,26 @@ def _scan_increments_kernel(
         else:
             c = step
         base = (bh * NC + c) * SIZE + offs
+        inc = tl.load(inc_ptr + base)    # before the store: out may be inc itself (the two-level state pass)
         tl.store(out_ptr + base, cur)
-        cur = tl.load(last_ptr + bh * NC + c) * cur + tl.load(inc_ptr + base)
+        cur = tl.load(last_ptr + bh * NC + c) * cur + inc
     tl.store(final_ptr + bh * SIZE + offs, cur)
 
 
 def scan_increments(inc: torch.Tensor, last: torch.Tensor, init: Optional[torch.Tensor], reverse: bool,
+                    out: Optional[torch.Tensor] = None, block: Optional[int] = None,
                     ) -> Tuple[torch.Tensor, torch.Tensor]:
     """inc [BH, NC, D1, D2] fp32 contiguous, last [BH, NC]: the recurrence of ``chunk_states`` over given
-    increments. Returns the per-chunk states and the state after the pass."""
+    increments. Returns the per-chunk states (into ``out``, which may be inc itself) and the state after the pass.
+    ``block``: elements per program (default min(D1·D2, 1024)); the pass is serial over chunks, so smaller blocks
+    give more programs."""
     BH, NC, D1, D2 = inc.shape
     size = D1 * D2
-    out = torch.empty_like(inc)
+    out = torch.empty_like(inc) if out is None else out
     final = torch.empty(BH, D1, D2, device=inc.device, dtype=torch.float32)
     if init is not None:
         init = init.to(torch.float32).reshape(BH, D1, D2).contiguous()
-    block = min(size, 1024)
+    block = min(size, block or 1024)
     _scan_increments_kernel[(BH, size // block)](
         inc, last.contiguous(), init if init is not None else inc, out, final, NC,
         SIZE=size, BLOCK=block, HAS_INIT=init is not None, REVERSE=reverse, num_warps=4)
