@@ -120,6 +120,28 @@ def test_fp32_matches_torch_backend(B, T, H, D, C, N, init, dfin):
 
 
 @cases
+@pytest.mark.parametrize('B,T,H,D,C,N,init,dfin', [c for c in CONFIGS if c[5] > 0 and c[3] <= 64 and c[4] == 32]
+                         + [(1, 45, 2, 64, 32, 20, True, True), (2, 64, 1, 32, 32, 10, False, True)])
+def test_paired_backward_matches_torch_backend(B, T, H, D, C, N, init, dfin, monkeypatch):
+    """GKA_TRITON_BWD_PAIR=1: one backward program per 32-token state chunk doing its two 16-token halves, one
+    increment per state chunk (the first half takes the second's increment into its dk and into the chunk's own).
+    The same gradients as the torch backend in fp32 (ragged and odd chunk counts, whose last second half is all
+    padding, T < 32, initial and final states), and as the per-chunk kernel to fp32 rounding."""
+    ins = make_inputs(B, T, H, D, torch.float64)
+    st = _states(B, H, D, D, torch.float64) if init else None
+    do = torch.randn(B, T, H, D, dtype=torch.float64)
+    dst = _states(B, H, D, D, torch.float64) if dfin else None
+    ref = _run('torch', ins, torch.float64, N, C, st, do, dst)
+    per_chunk = _run('triton', ins, torch.float32, N, C, st, do, dst)
+    monkeypatch.setenv('GKA_TRITON_BWD_PAIR', '1')
+    out = _run('triton', ins, torch.float32, N, C, st, do, dst)
+    for name, r in ref.items():
+        err = rel_rmse(out[name], r)
+        assert err < (1e-4 if name == 'dg' else 2e-5), f'{name}: rel RMSE {err:.2e}'
+        assert rel_rmse(out[name], per_chunk[name]) < 1e-5, name
+
+
+@cases
 def test_fp16_matches_torch_backend():
     B, T, H, D, C, N = 2, 45, 2, 32, 16, 30
     ins = [t.to(torch.float16).double() if i != 3 else t for i, t in enumerate(make_inputs(B, T, H, D, torch.float64))]
