@@ -72,7 +72,7 @@ def _bwd_sub_chunk(
         FAST: tl.constexpr, FAST_MODE: tl.constexpr, ILP: tl.constexpr, TRANS: tl.constexpr, ACC: tl.constexpr,
         SR: tl.constexpr, LOCAL: tl.constexpr,
 ):
-    """Everything of one C-token chunk ic (the docstring above); the increment goes to inc_ptr + inc_off. LOCAL
+    """Everything of one C-token chunk ic (the module docstring); the increment goes to inc_ptr + inc_off. LOCAL
     (the first half of a paired program): that slot already holds the second half's increment R; the chunk's dk
     gets its part of the term carried in from there, b_σ(R + Rᵀ)k_σ, and the slot becomes the state chunk's
     increment, this chunk's own plus its decay times R."""
