@@ -108,7 +108,8 @@ def chunk_backward(q, k, v, g, alpha, h0, u0, x, f, do, dHT, dUT, num_iter, r, s
     dal = torch.empty(B, T, H, device=q.device, dtype=f32) if solve else torch.zeros(B, T, H, device=q.device)
     mode = dot_mode(dot, q.dtype, r)
     # GKA_TRITON_BWD_PAIR=1 (opt-in until timed): one program per state chunk of two C-token halves and one
-    # increment per state chunk, so the reverse scan and the inter kernel run per state chunk (KERNEL_NOTES.md v25)
+    # increment per state chunk, so the reverse scan and the inter kernel run per state chunk (KERNEL_NOTES.md v25).
+    # It needs the state chunk to be twice the chunk (the defaults, 32 and 16); other tilings keep one per chunk.
     pair = solve and C_state == 2 * C and os.environ.get('GKA_TRITON_BWD_PAIR', '0') == '1'
     C_inc, NC_inc = (C_state, NCS) if pair else (C, NC)
     inc = torch.empty(B * H, NC_inc, D, D, device=q.device, dtype=f32) if solve else None
