@@ -59,15 +59,16 @@ for s in "${stages[@]}"; do
                deit_small_patch16_224@compile=default deit_small_patch16_224@compile=reduce-overhead ;;
     ab)      # interleaved A/B of kernel switches (runs drift ~10 % between stages); AB_ARGS: ab.py's flags
              run_stage ab 300 python3 benchmarks/ab.py --out "$OUT/ab" ${AB_ARGS:-} ;;
-    v25)     # the two opt-ins of KERNEL_NOTES v25 against the defaults, interleaved: the two-level state passes
-             # (GKA_TRITON_STATE_SCAN=2; long T, where the serial pass is latency-bound) and the paired backward
-             # (GKA_TRITON_BWD_PAIR=1; one increment per 32 tokens); then gka_small at 1024 / 2048 px
+    v25)     # the opt-ins of KERNEL_NOTES v25 against the defaults, interleaved: the two-level state passes
+             # (GKA_TRITON_STATE_SCAN=2; long T, where the serial pass is latency-bound), the pipelined scan
+             # (GKA_TRITON_SCAN_STAGES=4; the backward's increment scan and the two-level pass's serial level) and the
+             # paired backward (GKA_TRITON_BWD_PAIR=1; one increment per 32 tokens); then gka_small at 1024 / 2048 px
              run_stage v25_kernels 240 python3 benchmarks/ab.py --out "$OUT/v25_kernels" --rounds 5 \
-               --variants default STATE_SCAN=2 BWD_PAIR=1 STATE_SCAN=2,BWD_PAIR=1 \
-               --shapes 256,196,6,64 16,4096,6,64 4,16384,6,64 1,65536,6,64
+               --variants default SCAN_STAGES=4 STATE_SCAN=2 STATE_SCAN=2,SCAN_STAGES=4 BWD_PAIR=1 \
+               STATE_SCAN=2,SCAN_STAGES=4,BWD_PAIR=1 --shapes 256,196,6,64 16,4096,6,64 4,16384,6,64 1,65536,6,64
              run_stage v25_models 300 python3 benchmarks/ab.py --out "$OUT/v25_models" --rounds 3 \
-               --variants default STATE_SCAN=2 STATE_SCAN=2,BWD_PAIR=1 --shapes --models gka_small --sizes 1024 2048 \
-               --modes infer train ;;
+               --variants default STATE_SCAN=2,SCAN_STAGES=4 STATE_SCAN=2,SCAN_STAGES=4,BWD_PAIR=1 --shapes \
+               --models gka_small --sizes 1024 2048 --modes infer train ;;
     schedule) run_stage schedule 200 python3 benchmarks/gpu_kernels_check.py --only schedule,profile ;;
     fusedglue)  # the opt-in fused glue of the vision mixer (gka_vision/models/scan_qkv.py, merge_norm.py) against the
              # PyTorch glue in the same run (absolute times drift between machines)

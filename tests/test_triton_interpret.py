@@ -406,6 +406,36 @@ def test_two_level_state_pass_matches_serial(monkeypatch):
 
 
 @cases
+@pytest.mark.parametrize('stages', ['1', '4'])
+def test_scan_increments_matches_the_recurrence(stages, monkeypatch):
+    """scan_increments against the recurrence in float64 (forward and reverse, with and without an initial state,
+    into a new tensor and in place, blocks smaller than a state), at the default pipeline depth and at
+    GKA_TRITON_SCAN_STAGES=4 (the loop as tl.range with num_stages: the interpreter runs it unpipelined, the GPU
+    schedule tests run it pipelined); a depth below 1 is refused."""
+    from gka_kernels.triton.state_pass import scan_increments
+    monkeypatch.setenv('GKA_TRITON_SCAN_STAGES', stages)
+    BH, NC, D1, D2 = 3, 5, 8, 16
+    for reverse in (False, True):
+        for with_init in (False, True):
+            for in_place in (False, True):
+                inc = torch.randn(BH, NC, D1, D2)
+                last = torch.rand(BH, NC) * 0.9 + 0.05
+                init = torch.randn(BH, D1, D2) if with_init else None
+                ref, cur = torch.empty(BH, NC, D1, D2, dtype=torch.float64), (
+                    init.double() if with_init else torch.zeros(BH, D1, D2, dtype=torch.float64))
+                for c in (range(NC - 1, -1, -1) if reverse else range(NC)):
+                    ref[:, c] = cur
+                    cur = last[:, c, None, None].double() * cur + inc[:, c].double()
+                src = inc.clone()
+                states, final = scan_increments(src, last, init, reverse, out=src if in_place else None, block=64)
+                assert rel_rmse(states, ref) < 1e-6 and rel_rmse(final, cur) < 1e-6, (reverse, with_init, in_place)
+                assert (states.data_ptr() == src.data_ptr()) == in_place
+    monkeypatch.setenv('GKA_TRITON_SCAN_STAGES', '0')
+    with pytest.raises(ValueError, match='GKA_TRITON_SCAN_STAGES'):
+        scan_increments(inc, last, None, False)
+
+
+@cases
 def test_segments_hold_one_segment_of_states():
     """A segmented forward frees each segment's chunk states before the next segment's exist: the peak of live
     bytes is the outputs plus one segment's states (it held two while the loop variable kept the last ones)."""

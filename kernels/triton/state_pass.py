@@ -287,6 +287,7 @@ def _launch_two_level(a, streams, g, chunk_size, reverse, scale, want_final, pre
 def _scan_increments_kernel(
         inc_ptr, last_ptr, init_ptr, out_ptr, final_ptr, NC,
         SIZE: tl.constexpr, BLOCK: tl.constexpr, HAS_INIT: tl.constexpr, REVERSE: tl.constexpr,
+        STAGES: tl.constexpr = 1,
 ):
     bh = tl.program_id(0).to(tl.int64)
     blk = tl.program_id(1)
@@ -295,7 +296,7 @@ def _scan_increments_kernel(
         cur = tl.load(init_ptr + bh * SIZE + offs).to(tl.float32)
     else:
         cur = tl.zeros([BLOCK], dtype=tl.float32)
-    for step in range(NC):
+    for step in tl.range(NC, num_stages=STAGES):
         if REVERSE:
             c = NC - 1 - step
         else:
@@ -323,5 +324,16 @@ def scan_increments(inc: torch.Tensor, last: torch.Tensor, init: Optional[torch.
     block = min(size, block or 1024)
     _scan_increments_kernel[(BH, size // block)](
         inc, last.contiguous(), init if init is not None else inc, out, final, NC,
-        SIZE=size, BLOCK=block, HAS_INIT=init is not None, REVERSE=reverse, num_warps=4)
+        SIZE=size, BLOCK=block, HAS_INIT=init is not None, REVERSE=reverse, STAGES=_scan_stages(), num_warps=4)
     return out, final
+
+
+def _scan_stages() -> int:
+    """Software-pipeline depth of the scan's loop (``GKA_TRITON_SCAN_STAGES``, default 1: none, opt-in until timed).
+    Its step is one load, one multiply-add and one store per element; unpipelined, each step waits for its load
+    (~1.2 µs per step on the H100), while the increments of later steps do not depend on the carry. The sm_90 compile
+    puts the loads on cp.async from 2 stages (KERNEL_NOTES.md v25)."""
+    stages = int(os.environ.get('GKA_TRITON_SCAN_STAGES', '1'))
+    if stages < 1:
+        raise ValueError(f'GKA_TRITON_SCAN_STAGES must be a positive integer, got {stages}')
+    return stages
