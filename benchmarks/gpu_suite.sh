@@ -63,7 +63,7 @@ for s in "${stages[@]}"; do
              # (GKA_TRITON_STATE_SCAN=2; long T, where the serial pass is latency-bound), the pipelined scan
              # (GKA_TRITON_SCAN_STAGES=4; the backward's increment scan and the two-level pass's serial level) and the
              # paired backward (GKA_TRITON_BWD_PAIR=1; one increment per 32 tokens); then gka_small at 1024 / 2048 px
-             run_stage v25_kernels 240 python3 benchmarks/ab.py --out "$OUT/v25_kernels" --rounds 5 \
+             run_stage v25_kernels 300 python3 benchmarks/ab.py --out "$OUT/v25_kernels" --rounds 5 \
                --variants default SCAN_STAGES=4 STATE_SCAN=2 STATE_SCAN=2,SCAN_STAGES=4 BWD_PAIR=1 \
                STATE_SCAN=2,SCAN_STAGES=4,BWD_PAIR=1 --shapes 256,196,6,64 16,4096,6,64 4,16384,6,64 1,65536,6,64
              run_stage v25_models 300 python3 benchmarks/ab.py --out "$OUT/v25_models" --rounds 3 \

@@ -284,6 +284,18 @@ def _launch_two_level(a, streams, g, chunk_size, reverse, scale, want_final, pre
 
 
 @triton.jit
+def _scan_step(cur, inc_ptr, last_ptr, out_ptr, bh, step, offs, NC, SIZE: tl.constexpr, REVERSE: tl.constexpr):
+    if REVERSE:
+        c = NC - 1 - step
+    else:
+        c = step
+    base = (bh * NC + c) * SIZE + offs
+    inc = tl.load(inc_ptr + base)    # before the store: out may be inc itself (the two-level state pass)
+    tl.store(out_ptr + base, cur)
+    return tl.load(last_ptr + bh * NC + c) * cur + inc
+
+
+@triton.jit
 def _scan_increments_kernel(
         inc_ptr, last_ptr, init_ptr, out_ptr, final_ptr, NC,
         SIZE: tl.constexpr, BLOCK: tl.constexpr, HAS_INIT: tl.constexpr, REVERSE: tl.constexpr,
@@ -296,15 +308,12 @@ def _scan_increments_kernel(
         cur = tl.load(init_ptr + bh * SIZE + offs).to(tl.float32)
     else:
         cur = tl.zeros([BLOCK], dtype=tl.float32)
-    for step in tl.range(NC, num_stages=STAGES):
-        if REVERSE:
-            c = NC - 1 - step
-        else:
-            c = step
-        base = (bh * NC + c) * SIZE + offs
-        inc = tl.load(inc_ptr + base)    # before the store: out may be inc itself (the two-level state pass)
-        tl.store(out_ptr + base, cur)
-        cur = tl.load(last_ptr + bh * NC + c) * cur + inc
+    if STAGES > 1:
+        for step in tl.range(NC, num_stages=STAGES):
+            cur = _scan_step(cur, inc_ptr, last_ptr, out_ptr, bh, step, offs, NC, SIZE, REVERSE)
+    else:
+        for step in range(NC):
+            cur = _scan_step(cur, inc_ptr, last_ptr, out_ptr, bh, step, offs, NC, SIZE, REVERSE)
     tl.store(final_ptr + bh * SIZE + offs, cur)
 
 
