@@ -36,8 +36,9 @@ for s in "${stages[@]}"; do
       run_stage setup 120 bash -c 'python3 -m pip install -q --no-deps --no-build-isolation -e . && \
         python3 -c "import torch, triton, timm, gka_kernels, gka_vision; print(torch.__version__, triton.__version__, \
         timm.__version__, torch.cuda.get_device_name(), gka_kernels.resolve_backend(None, torch.device(\"cuda\")))"' ;;
-    tests)   # TESTS_ARGS: more pytest arguments (e.g. -k to split the 36 cases over two calls)
-             run_stage tests ${TESTS_LIMIT:-420} python3 -m pytest -q -rf -m gpu ${TESTS_ARGS:-} tests ;;
+    tests)   # TESTS_ARGS: more pytest arguments, split on spaces; TESTS_K: a -k expression (it may hold spaces)
+             run_stage tests ${TESTS_LIMIT:-420} python3 -m pytest -q -rf -m gpu ${TESTS_ARGS:-} \
+               ${TESTS_K:+-k "$TESTS_K"} tests ;;
     kernels) run_stage kernels 180 python3 benchmarks/kernels.py --out "$OUT" ;;
     itersplit)  # what one solve step costs in the forward and in the backward (KERNEL_NOTES "What the targets need")
              run_stage itersplit 300 python3 benchmarks/kernels.py --iter-split --out "$OUT" ;;
