@@ -103,13 +103,19 @@ CONFIGS = [
 ]
 
 
-@cases
-@pytest.mark.parametrize('B,T,H,D,C,N,init,dfin', CONFIGS)
-def test_fp32_matches_torch_backend(B, T, H, D, C, N, init, dfin):
+def _float64_case(B, T, H, D, init, dfin):
+    """Inputs, initial state, output gradient and final-state gradient (float64) of one CONFIGS-like case."""
     ins = make_inputs(B, T, H, D, torch.float64)
     st = _states(B, H, D, D, torch.float64) if init else None
     do = torch.randn(B, T, H, D, dtype=torch.float64)
     dst = _states(B, H, D, D, torch.float64) if dfin else None
+    return ins, st, do, dst
+
+
+@cases
+@pytest.mark.parametrize('B,T,H,D,C,N,init,dfin', CONFIGS)
+def test_fp32_matches_torch_backend(B, T, H, D, C, N, init, dfin):
+    ins, st, do, dst = _float64_case(B, T, H, D, init, dfin)
     ref = _run('torch', ins, torch.float64, N, C, st, do, dst)
     out = _run('triton', ins, torch.float32, N, C, st, do, dst)
     for name, r in ref.items():
@@ -127,10 +133,7 @@ def test_paired_backward_matches_torch_backend(B, T, H, D, C, N, init, dfin, mon
     increment per state chunk (the first half takes the second's increment into its dk and into the chunk's own).
     The same gradients as the torch backend in fp32 (ragged and odd chunk counts, whose last second half is all
     padding, T < 32, initial and final states), and as the per-chunk kernel to fp32 rounding."""
-    ins = make_inputs(B, T, H, D, torch.float64)
-    st = _states(B, H, D, D, torch.float64) if init else None
-    do = torch.randn(B, T, H, D, dtype=torch.float64)
-    dst = _states(B, H, D, D, torch.float64) if dfin else None
+    ins, st, do, dst = _float64_case(B, T, H, D, init, dfin)
     ref = _run('torch', ins, torch.float64, N, C, st, do, dst)
     per_chunk = _run('triton', ins, torch.float32, N, C, st, do, dst)
     monkeypatch.setenv('GKA_TRITON_BWD_PAIR', '1')

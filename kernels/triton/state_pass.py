@@ -38,6 +38,17 @@ def _chunk_update(cur, A, X, gl, scale, REVERSE: tl.constexpr, PREC: tl.constexp
 
 
 @triton.jit
+def _load_a(a_base, m_base, al_base, t, tm, ra, s_at, s_mt, s_alt, MIX: tl.constexpr):
+    """The [C, ·] a-stream tile of tokens t (fp32); MIX: a + α·(m − a), the backward's q̃ from q, x and α."""
+    A = tl.load(a_base + t[:, None] * s_at + ra[None, :], mask=tm[:, None], other=0.0).to(tl.float32)
+    if MIX:
+        Mx = tl.load(m_base + t[:, None] * s_mt + ra[None, :], mask=tm[:, None], other=0.0).to(tl.float32)
+        al = tl.load(al_base + t * s_alt, mask=tm, other=0.0).to(tl.float32)
+        A = A + al[:, None] * (Mx - A)
+    return A
+
+
+@triton.jit
 def _states_tile(a_base, x_base, g_base, init_ptr, states_ptr, final_ptr, bh, ia, ix, T, NC, scale, s_at, s_xt, s_gt,
                  m_base, al_base, s_mt, s_alt,
                  DA: tl.constexpr, DX: tl.constexpr, C: tl.constexpr, BA: tl.constexpr, BX: tl.constexpr,
@@ -60,11 +71,7 @@ def _states_tile(a_base, x_base, g_base, init_ptr, states_ptr, final_ptr, bh, ia
         t = c * C + rc
         tm = t < T
         gl = tl.load(g_base + t * s_gt, mask=tm, other=0.0).to(tl.float32)
-        A = tl.load(a_base + t[:, None] * s_at + ra[None, :], mask=tm[:, None], other=0.0).to(tl.float32)
-        if MIX:
-            Mx = tl.load(m_base + t[:, None] * s_mt + ra[None, :], mask=tm[:, None], other=0.0).to(tl.float32)
-            al = tl.load(al_base + t * s_alt, mask=tm, other=0.0).to(tl.float32)
-            A = A + al[:, None] * (Mx - A)
+        A = _load_a(a_base, m_base, al_base, t, tm, ra, s_at, s_mt, s_alt, MIX)
         X = tl.load(x_base + t[:, None] * s_xt + rx[None, :], mask=tm[:, None], other=0.0).to(tl.float32)
         tl.store(states_ptr + (bh * NC + c) * DA * DX + tile, cur)
         cur = _chunk_update(cur, A, X, gl, scale, REVERSE, PREC, X_EXACT)
@@ -156,6 +163,11 @@ def gram_and_kv_states(k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, h0: Op
             chunk_states(k, v, g, u0, chunk_size, want_final=want_final, prec=prec))
 
 
+def _strides(*tensors) -> Tuple[int, ...]:
+    """The (b, t, h) strides of [B, T, H, ·] / [B, T, H] tensors, flattened: the kernels' s_*b, s_*t, s_*h arguments."""
+    return tuple(st for ten in tensors for st in ten.stride()[:3])
+
+
 def _launch(a, streams, g, chunk_size, reverse, scale, want_final, prec, mix=None):
     """One launch of the state pass over one or two (x, init) streams sharing a and g (a mixed as ``chunk_states``
     says when mix is given). ``GKA_TRITON_STATE_SCAN=2`` runs it in two levels (``_launch_two_level``)."""
@@ -179,19 +191,23 @@ def _launch(a, streams, g, chunk_size, reverse, scale, want_final, prec, mix=Non
     m, al = mix if mix is not None else (a, g)   # placeholders when not mixing (MIX=False reads neither)
     _chunk_states_kernel[(B * H, DA // BA, nx)](
         a, x, g, inits[0], states, final, x2, inits[-1], states2, final2, m, al,
-        T, H, NC, float(scale),
-        a.stride(0), a.stride(1), a.stride(2),
-        m.stride(0), m.stride(1), m.stride(2),
-        al.stride(0), al.stride(1), al.stride(2),
-        x.stride(0), x.stride(1), x.stride(2),
-        x2.stride(0), x2.stride(1), x2.stride(2),
-        g.stride(0), g.stride(1), g.stride(2),
+        T, H, NC, float(scale), *_strides(a, m, al, x, x2, g),
         DA=DA, DX=x.shape[-1], DX2=x2.shape[-1], C=chunk_size, BA=BA, BX=BX,
         HAS_INIT=init is not None, STORE_FINAL=want_final, REVERSE=reverse, PREC=prec,
         X_EXACT=x.dtype == torch.bfloat16, PAIR=pair, MIX=mix is not None,
         num_warps=4,
     )
     return [(st, fi if want_final else None) for st, fi in outs]
+
+
+@triton.jit
+def _store_increment(A, x_base, s_xt, gl, inc_ptr, bh, c, t, tm, NC, scale, DA: tl.constexpr, DX: tl.constexpr,
+                     REVERSE: tl.constexpr, PREC: tl.constexpr, X_EXACT: tl.constexpr):
+    """Chunk c's own increment Σ w_σ·a_σ x_σᵀ (``_chunk_update`` from a zero state) into its [DA, DX] slot."""
+    rx = tl.arange(0, DX)
+    X = tl.load(x_base + t[:, None] * s_xt + rx[None, :], mask=tm[:, None], other=0.0).to(tl.float32)
+    inc = _chunk_update(tl.zeros([DA, DX], dtype=tl.float32), A, X, gl, scale, REVERSE, PREC, X_EXACT)
+    tl.store(inc_ptr + (bh * NC + c) * DA * DX + tl.arange(0, DA)[:, None] * DX + rx[None, :], inc)
 
 
 @triton.jit
@@ -214,31 +230,18 @@ def _chunk_increments_kernel(
     which = tl.program_id(2)
     b = bh // H
     h = bh % H
-    rc = tl.arange(0, C)
-    ra = tl.arange(0, DA)
-    t = c * C + rc
+    t = c * C + tl.arange(0, C)
     tm = t < T
     gl = tl.load(g_ptr + b * s_gb + h * s_gh + t * s_gt, mask=tm, other=0.0).to(tl.float32)
-    A = tl.load(a_ptr + b * s_ab + h * s_ah + t[:, None] * s_at + ra[None, :], mask=tm[:, None],
-                other=0.0).to(tl.float32)
-    if MIX:
-        Mx = tl.load(m_ptr + b * s_mb + h * s_mh + t[:, None] * s_mt + ra[None, :], mask=tm[:, None],
-                     other=0.0).to(tl.float32)
-        al = tl.load(al_ptr + b * s_alb + h * s_alh + t * s_alt, mask=tm, other=0.0).to(tl.float32)
-        A = A + al[:, None] * (Mx - A)
+    A = _load_a(a_ptr + b * s_ab + h * s_ah, m_ptr + b * s_mb + h * s_mh, al_ptr + b * s_alb + h * s_alh, t, tm,
+                tl.arange(0, DA), s_at, s_mt, s_alt, MIX)
     if which == 0:
-        rx = tl.arange(0, DX)
-        X = tl.load(x_ptr + b * s_xb + h * s_xh + t[:, None] * s_xt + rx[None, :], mask=tm[:, None],
-                    other=0.0).to(tl.float32)
-        inc = _chunk_update(tl.zeros([DA, DX], dtype=tl.float32), A, X, gl, scale, REVERSE, PREC, X_EXACT)
-        tl.store(inc_ptr + (bh * NC + c) * DA * DX + ra[:, None] * DX + rx[None, :], inc)
+        _store_increment(A, x_ptr + b * s_xb + h * s_xh, s_xt, gl, inc_ptr, bh, c, t, tm, NC, scale, DA, DX,
+                         REVERSE, PREC, X_EXACT)
         tl.store(last_ptr + bh * NC + c, tl.exp(tl.sum(gl, 0)))
     else:
-        rx2 = tl.arange(0, DX2)
-        X2 = tl.load(x2_ptr + b * s_x2b + h * s_x2h + t[:, None] * s_x2t + rx2[None, :], mask=tm[:, None],
-                     other=0.0).to(tl.float32)
-        inc2 = _chunk_update(tl.zeros([DA, DX2], dtype=tl.float32), A, X2, gl, scale, REVERSE, PREC, X_EXACT)
-        tl.store(inc2_ptr + (bh * NC + c) * DA * DX2 + ra[:, None] * DX2 + rx2[None, :], inc2)
+        _store_increment(A, x2_ptr + b * s_x2b + h * s_x2h, s_x2t, gl, inc2_ptr, bh, c, t, tm, NC, scale, DA, DX2,
+                         REVERSE, PREC, X_EXACT)
 
 
 def _scan_block(bh: int, size: int) -> int:
@@ -255,7 +258,7 @@ def _launch_two_level(a, streams, g, chunk_size, reverse, scale, want_final, pre
     where their states go, then the serial recurrence in place (``scan_increments``), whose step is one multiply-add
     per element instead of a chunk's loads and products. Same results up to the order of fp32 rounding."""
     B, T, H, DA = a.shape
-    NC = max(triton.cdiv(T, chunk_size), 1)
+    NC = triton.cdiv(T, chunk_size)   # T > 0: _launch takes the one-level pass otherwise
     f32 = torch.float32
     pair = len(streams) == 2
     (x, _), (x2, _) = streams[0], streams[-1]
@@ -264,13 +267,7 @@ def _launch_two_level(a, streams, g, chunk_size, reverse, scale, want_final, pre
     m, al = mix if mix is not None else (a, g)   # placeholders when not mixing (MIX=False reads neither)
     _chunk_increments_kernel[(B * H, NC, 2 if pair else 1)](
         a, x, x2, g, m, al, incs[0], incs[-1], last,
-        T, H, NC, float(scale),
-        a.stride(0), a.stride(1), a.stride(2),
-        m.stride(0), m.stride(1), m.stride(2),
-        al.stride(0), al.stride(1), al.stride(2),
-        x.stride(0), x.stride(1), x.stride(2),
-        x2.stride(0), x2.stride(1), x2.stride(2),
-        g.stride(0), g.stride(1), g.stride(2),
+        T, H, NC, float(scale), *_strides(a, m, al, x, x2, g),
         DA=DA, DX=x.shape[-1], DX2=x2.shape[-1], C=chunk_size, REVERSE=reverse, PREC=prec,
         X_EXACT=x.dtype == torch.bfloat16, PAIR=pair, MIX=mix is not None,
         num_warps=4,
