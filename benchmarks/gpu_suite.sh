@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything the GPU machine has to check and time (the device lease is short).
 #   bash benchmarks/gpu_suite.sh [stage ...]     stages: setup tests kernels itersplit schedule ab models modelprofile
-#                                               compiled fusedglue statecap v25 lm demo
+#                                               compiled fusedglue statecap v26 lm demo
 #                                               (default: setup tests kernels models lm)
 # One device call may run 10 minutes, so run the stages in a few calls, each starting with setup. Measured stage
 # times on the H200 (2026-11-29): setup 20 s, tests 3.5-4.5 min (36 cases: 35 in 207 s warm, 32 in 260 s cold), schedule ~1.5 min, kernels 45 s, models ~6 min for all
@@ -60,15 +60,14 @@ for s in "${stages[@]}"; do
                deit_small_patch16_224@compile=default deit_small_patch16_224@compile=reduce-overhead ;;
     ab)      # interleaved A/B of kernel switches (runs drift ~10 % between stages); AB_ARGS: ab.py's flags
              run_stage ab 300 python3 benchmarks/ab.py --out "$OUT/ab" ${AB_ARGS:-} ;;
-    v25)     # the opt-ins of KERNEL_NOTES v25 against the defaults, interleaved: the two-level state passes
-             # (GKA_TRITON_STATE_SCAN=2; long T, where the serial pass is latency-bound), the pipelined scan
-             # (GKA_TRITON_SCAN_STAGES=4; the backward's increment scan and the two-level pass's serial level) and the
-             # paired backward (GKA_TRITON_BWD_PAIR=1; one increment per 32 tokens); then gka_small at 1024 / 2048 px
-             run_stage v25_kernels 300 python3 benchmarks/ab.py --out "$OUT/v25_kernels" --rounds 5 \
-               --variants default SCAN_STAGES=4 STATE_SCAN=2 STATE_SCAN=2,SCAN_STAGES=4 BWD_PAIR=1 \
-               STATE_SCAN=2,SCAN_STAGES=4,BWD_PAIR=1 --shapes 256,196,6,64 16,4096,6,64 4,16384,6,64 1,65536,6,64
-             run_stage v25_models 300 python3 benchmarks/ab.py --out "$OUT/v25_models" --rounds 3 \
-               --variants default STATE_SCAN=2,SCAN_STAGES=4 STATE_SCAN=2,SCAN_STAGES=4,BWD_PAIR=1 --shapes \
+    v26)     # the state-pass defaults of KERNEL_NOTES v26 (two levels from 64 chunks, the pipelined increment scan)
+             # against one level / two levels forced and the defaults before (one level, unpipelined), interleaved:
+             # kernels from many short to few long sequences and at D = 128; then gka_small at 1024 / 2048 px
+             run_stage v26_kernels 300 python3 benchmarks/ab.py --out "$OUT/v26_kernels" --rounds 5 \
+               --variants default STATE_SCAN=1 STATE_SCAN=2 STATE_SCAN=1,SCAN_STAGES=1 \
+               --shapes 256,196,6,64 16,4096,6,64 4,16384,6,64 1,65536,6,64 4,4096,16,128
+             run_stage v26_models 240 python3 benchmarks/ab.py --out "$OUT/v26_models" --rounds 3 \
+               --variants default STATE_SCAN=1,SCAN_STAGES=1 --shapes \
                --models gka_small --sizes 1024 2048 --modes infer train ;;
     schedule) run_stage schedule 200 python3 benchmarks/gpu_kernels_check.py --only schedule,profile ;;
     fusedglue)  # the opt-in fused glue of the vision mixer (gka_vision/models/scan_qkv.py, merge_norm.py) against the

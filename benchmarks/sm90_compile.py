@@ -21,7 +21,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from gka_kernels.triton.backward_kernels import _bwd_chunk_kernel, _bwd_pair_kernel
+from gka_kernels.triton.backward_kernels import _bwd_chunk_kernel
 from gka_kernels.triton.solve import _chunk_solve_kernel
 from gka_kernels.triton.state_pass import _chunk_increments_kernel, _chunk_states_kernel
 
@@ -90,9 +90,6 @@ def main(argv=None):
             const = dict(common, DV=args.dim, C=16, SR=sr)
             res = compile_counts(_bwd_chunk_kernel, const, warps, fp32_ptrs=('x_ptr',))
             print(f'backward SR={sr} D={args.dim} C=16 MODE={args.mode} FAST={args.fast} warps={warps}: {res}')
-        res = compile_counts(_bwd_pair_kernel, dict(common, DV=args.dim, C=16), warps, fp32_ptrs=('x_ptr',))
-        print(f'backward pair (GKA_TRITON_BWD_PAIR=1) D={args.dim} C=16 MODE={args.mode} FAST={args.fast} '
-              f'warps={warps}: {res}')
 
 
 if __name__ == '__main__':

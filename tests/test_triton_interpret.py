@@ -126,25 +126,6 @@ def test_fp32_matches_torch_backend(B, T, H, D, C, N, init, dfin):
 
 
 @cases
-@pytest.mark.parametrize('B,T,H,D,C,N,init,dfin', [c for c in CONFIGS if c[5] > 0 and c[3] <= 64 and c[4] == 32]
-                         + [(1, 45, 2, 64, 32, 20, True, True), (2, 64, 1, 32, 32, 10, False, True)])
-def test_paired_backward_matches_torch_backend(B, T, H, D, C, N, init, dfin, monkeypatch):
-    """GKA_TRITON_BWD_PAIR=1: one backward program per 32-token state chunk doing its two 16-token halves, one
-    increment per state chunk (the first half takes the second's increment into its dk and into the chunk's own).
-    The same gradients as the torch backend in fp32 (ragged and odd chunk counts, whose last second half is all
-    padding, T < 32, initial and final states), and as the per-chunk kernel to fp32 rounding."""
-    ins, st, do, dst = _float64_case(B, T, H, D, init, dfin)
-    ref = _run('torch', ins, torch.float64, N, C, st, do, dst)
-    per_chunk = _run('triton', ins, torch.float32, N, C, st, do, dst)
-    monkeypatch.setenv('GKA_TRITON_BWD_PAIR', '1')
-    out = _run('triton', ins, torch.float32, N, C, st, do, dst)
-    for name, r in ref.items():
-        err = rel_rmse(out[name], r)
-        assert err < (1e-4 if name == 'dg' else 2e-5), f'{name}: rel RMSE {err:.2e}'
-        assert rel_rmse(out[name], per_chunk[name]) < 1e-5, name
-
-
-@cases
 def test_fp16_matches_torch_backend():
     B, T, H, D, C, N = 2, 45, 2, 32, 16, 30
     ins = [t.to(torch.float16).double() if i != 3 else t for i, t in enumerate(make_inputs(B, T, H, D, torch.float64))]
@@ -378,8 +359,8 @@ def test_reverse_state_pass_mixes_the_query_in_kernel():
 
 @cases
 def test_two_level_state_pass_matches_serial(monkeypatch):
-    """GKA_TRITON_STATE_SCAN=2: the chunks' increments in parallel, then the serial multiply-add scan in place. The
-    same states and final states as the one-level pass to fp32 rounding: forward and reverse, one stream and the
+    """The two-level pass (GKA_TRITON_STATE_SCAN=2 forces it at any length): the chunks' increments in parallel, then
+    the serial multiply-add scan in place. The same states and final states as the one-level pass to fp32 rounding: forward and reverse, one stream and the
     Gram + KV pair, with and without initial states, DV ≠ D, a ragged tail, the in-kernel q̃ mix; and the same
     outputs and gradients through the whole operator."""
     from gka_kernels.triton.state_pass import chunk_states, gram_and_kv_states
@@ -408,13 +389,55 @@ def test_two_level_state_pass_matches_serial(monkeypatch):
             assert rel(a_, b_) < 1e-5, f'{env} {name}: rel. error {rel(a_, b_):.2e}'
 
 
+@pytest.mark.skipif(not HAVE_TRITON, reason='the state pass module needs triton')
+def test_two_level_rule(monkeypatch):
+    """The two-level pass runs from TWO_LEVEL_MIN_CHUNKS chunks on (never for an empty pass); GKA_TRITON_STATE_SCAN
+    forces one level (1) or two (2), and any other value is refused with the variable's name."""
+    from gka_kernels.triton.state_pass import TWO_LEVEL_MIN_CHUNKS, _two_level
+    monkeypatch.delenv('GKA_TRITON_STATE_SCAN', raising=False)
+    assert [_two_level(n) for n in (0, 1, TWO_LEVEL_MIN_CHUNKS - 1, TWO_LEVEL_MIN_CHUNKS, 4096)] == [
+        False, False, False, True, True]
+    monkeypatch.setenv('GKA_TRITON_STATE_SCAN', '1')
+    assert not _two_level(4096)
+    monkeypatch.setenv('GKA_TRITON_STATE_SCAN', '2')
+    assert _two_level(1) and not _two_level(0)
+    monkeypatch.setenv('GKA_TRITON_STATE_SCAN', 'yes')
+    with pytest.raises(ValueError, match='GKA_TRITON_STATE_SCAN'):
+        _two_level(64)
+
+
+@cases
+def test_long_passes_take_two_levels_by_default(monkeypatch):
+    """Without GKA_TRITON_STATE_SCAN a pass of TWO_LEVEL_MIN_CHUNKS chunks launches the two-level kernels and a
+    shorter one does not; the long pass's states equal the one-level pass's to fp32 rounding."""
+    from gka_kernels.triton import state_pass
+    monkeypatch.delenv('GKA_TRITON_STATE_SCAN', raising=False)
+    calls, two_level = [], state_pass._launch_two_level
+
+    def counted(a, *args, **kw):
+        calls.append(a.shape[1])
+        return two_level(a, *args, **kw)
+
+    monkeypatch.setattr(state_pass, '_launch_two_level', counted)
+    C = 16
+    _, k, v, g, _ = make_inputs(1, C * state_pass.TWO_LEVEL_MIN_CHUNKS, 1, 32, torch.float32)
+    for T in (C * (state_pass.TWO_LEVEL_MIN_CHUNKS - 1), C * state_pass.TWO_LEVEL_MIN_CHUNKS):
+        auto = state_pass.chunk_states(k[:, :T], v[:, :T], g[:, :T], None, C)
+        monkeypatch.setenv('GKA_TRITON_STATE_SCAN', '1')
+        one = state_pass.chunk_states(k[:, :T], v[:, :T], g[:, :T], None, C)
+        monkeypatch.delenv('GKA_TRITON_STATE_SCAN')
+        for a_, b_ in zip(auto, one):
+            assert rel_rmse(a_, b_) < 1e-6, T
+    assert calls == [C * state_pass.TWO_LEVEL_MIN_CHUNKS]
+
+
 @cases
 @pytest.mark.parametrize('stages', ['1', '4'])
 def test_scan_increments_matches_the_recurrence(stages, monkeypatch):
     """scan_increments against the recurrence in float64 (forward and reverse, with and without an initial state,
-    into a new tensor and in place, blocks smaller than a state), at the default pipeline depth and at
-    GKA_TRITON_SCAN_STAGES=4 (the loop as tl.range with num_stages: the interpreter runs it unpipelined, the GPU
-    schedule tests run it pipelined); a depth below 1 is refused."""
+    into a new tensor and in place, blocks smaller than a state), as the plain loop (GKA_TRITON_SCAN_STAGES=1) and
+    at the default depth 4 (the loop as tl.range with num_stages: the interpreter runs it unpipelined, the GPU
+    tests run it pipelined); a depth below 1 is refused."""
     from gka_kernels.triton.state_pass import scan_increments
     monkeypatch.setenv('GKA_TRITON_SCAN_STAGES', stages)
     BH, NC, D1, D2 = 3, 5, 8, 16

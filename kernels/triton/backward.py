@@ -3,9 +3,7 @@
 ``chunk_backward`` (``GKA_TRITON_BWD=fused``, the default at D ≤ 64): state passes at a coarse state chunk (entry
 states recomputed, the reverse KV-gradient pass), one fused kernel per 16-token chunk (its boundary states carried
 from the coarse ones, readout gradient + adjoint solve on chip + chunk-local Gram terms), the reverse scan of the
-Gram-gradient increments, and one kernel for the terms carried in from later chunks. With ``GKA_TRITON_BWD_PAIR=1``
-(opt-in until timed) one program takes both 16-token halves of a 32-token state chunk and the scan and the last
-kernel run per state chunk.
+Gram-gradient increments, and one kernel for the terms carried in from later chunks.
 
 ``chunk_backward_hybrid`` (``GKA_TRITON_BWD=hybrid``, the default at D = 128): Triton state passes and adjoint
 solve, and the per-chunk algebra as batched torch matmuls shared with the torch backend. At D = 128 the fused
@@ -25,7 +23,7 @@ from ..chebyshev import F_MIN
 from ..torch_chunk.gram_backward import gram_backward_inter, gram_backward_intra
 from ..torch_chunk.layout import chunk_decay, from_chunks, to_chunks
 from ..torch_chunk.readout import readout_backward
-from .backward_kernels import _bwd_chunk_kernel, _bwd_inter_kernel, _bwd_pair_kernel
+from .backward_kernels import _bwd_chunk_kernel, _bwd_inter_kernel
 from .config import backward_chunk_size, backward_state_chunk
 from .solve import _num_warps, _omegas, acc_precision, chunk_adjoint_solve, dot_mode, solve_schedule
 from .state_pass import chunk_states, gram_and_kv_states, scan_increments
@@ -106,32 +104,24 @@ def chunk_backward(q, k, v, g, alpha, h0, u0, x, f, do, dHT, dUT, num_iter, r, s
     dv = torch.empty_like(v)
     dgam = torch.empty(B, T, H, device=q.device, dtype=f32)
     dal = torch.empty(B, T, H, device=q.device, dtype=f32) if solve else torch.zeros(B, T, H, device=q.device)
+    inc = torch.empty(B * H, NC, D, D, device=q.device, dtype=f32) if solve else None
     mode = dot_mode(dot, q.dtype, r)
-    # GKA_TRITON_BWD_PAIR=1 (opt-in until timed): one program per state chunk of two C-token halves and one
-    # increment per state chunk, so the reverse scan and the inter kernel run per state chunk (KERNEL_NOTES.md v25).
-    # It needs the state chunk to be twice the chunk (the defaults, 32 and 16); other tilings keep one per chunk.
-    pair = solve and C_state == 2 * C and os.environ.get('GKA_TRITON_BWD_PAIR', '0') == '1'
-    C_inc, NC_inc = (C_state, NCS) if pair else (C, NC)
-    inc = torch.empty(B * H, NC_inc, D, D, device=q.device, dtype=f32) if solve else None
-    args = (q, k, v, g, alpha, x if solve else q, f if solve else g, do, H0s, U0s, RU,
-            _omegas(num_iter, r, q.device), dq, dk, dv, dgam, dal, inc if solve else H0s,
-            T, H, NC, NCS, float(r), float(scale), F_MIN)
-    meta = dict(D=D, DV=DV, C=C, N=num_iter, MODE=mode, **solve_schedule(mode, num_iter, r), ACC=acc,
-                num_warps=_num_warps(D, C))
-    if pair:
-        _bwd_pair_kernel[(B * H, NCS)](*args, **meta)
-    else:
-        _bwd_chunk_kernel[(B * H, NC)](*args, SR=C_state // C, **meta)
+    _bwd_chunk_kernel[(B * H, NC)](
+        q, k, v, g, alpha, x if solve else q, f if solve else g, do, H0s, U0s, RU,
+        _omegas(num_iter, r, q.device), dq, dk, dv, dgam, dal, inc if solve else H0s,
+        T, H, NC, NCS, float(r), float(scale), F_MIN,
+        D=D, DV=DV, C=C, N=num_iter, MODE=mode, **solve_schedule(mode, num_iter, r),
+        ACC=acc, SR=C_state // C, num_warps=_num_warps(D, C),
+    )
     del H0s, U0s, RU
     dH_init = None
     if solve or dHT is not None:
         if inc is None:
             inc = torch.zeros(B * H, NC, D, D, device=q.device, dtype=f32)
-        last = torch.exp(torch.nn.functional.pad(g, (0, 0, 0, NC_inc * C_inc - T)).view(B, NC_inc, C_inc, H).sum(2))
-        RH, dH_init = scan_increments(inc, last.permute(0, 2, 1).reshape(B * H, NC_inc), dHT, reverse=True)
+        last = torch.exp(torch.nn.functional.pad(g, (0, 0, 0, NC * C - T)).view(B, NC, C, H).sum(2))
+        RH, dH_init = scan_increments(inc, last.permute(0, 2, 1).reshape(B * H, NC), dHT, reverse=True)
         dk32, dk = dk, torch.empty_like(k)
-        _bwd_inter_kernel[(B * H, NC_inc)](k, g, RH, dk32, dk, dgam, T, H, NC_inc, D=D, C=C_inc, ACC=acc,
-                                           num_warps=4)
+        _bwd_inter_kernel[(B * H, NC)](k, g, RH, dk32, dk, dgam, T, H, NC, D=D, C=C, ACC=acc, num_warps=4)
         del dk32
     else:
         dk = dk.to(k.dtype)

@@ -4,9 +4,7 @@
 (∂q̃, ∂k, ∂v and ∂Γ of o = s·U_τᵀq̃), the adjoint solve u = A⁻¹(α·∂q̃) on chip, and the chunk-local terms of the
 implicit gradient through the Gram (rank-1 terms, λ-path, ⟨Ḡ, H⟩) plus the chunk's own increment of the gradient
 w.r.t. its entry Gram. ``_bwd_inter_kernel`` adds the part carried in from later chunks once the reverse scan of
-those increments is known. All [B, T, H, ·] tensors are contiguous. ``_bwd_pair_kernel`` (opt-in,
-``GKA_TRITON_BWD_PAIR=1``) runs both halves of a state chunk in one program and writes one increment per state
-chunk. Both run the per-chunk body ``_bwd_sub_chunk``.
+those increments is known. All [B, T, H, ·] tensors are contiguous.
 
 The chunk-boundary states come from a pass at a coarser state chunk of SR sub-chunks
 (``config.backward_state_chunk``): each program carries the Gram and KV states forward from the start of its state
@@ -64,18 +62,16 @@ def _retreat(R, q_ptr, x_ptr, al_ptr, do_ptr, g_ptr, b, h, s_lo, s_hi, T, H, sca
 
 
 @triton.jit
-def _bwd_sub_chunk(
+def _bwd_chunk_kernel(
         q_ptr, k_ptr, v_ptr, g_ptr, al_ptr, x_ptr, f_ptr, do_ptr, h0_ptr, u0_ptr, ru_ptr, om_ptr,
-        dq_ptr, dk_ptr, dv_ptr, dgam_ptr, dal_ptr, inc_ptr, inc_off, bh, ic,
+        dq_ptr, dk_ptr, dv_ptr, dgam_ptr, dal_ptr, inc_ptr,
         T, H, NC, NCS, r, scale, f_min,
         D: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, N: tl.constexpr, MODE: tl.constexpr,
         FAST: tl.constexpr, FAST_MODE: tl.constexpr, ILP: tl.constexpr, TRANS: tl.constexpr, ACC: tl.constexpr,
-        SR: tl.constexpr, LOCAL: tl.constexpr,
+        SR: tl.constexpr,
 ):
-    """Everything of one C-token chunk ic (the module docstring); the increment goes to inc_ptr + inc_off. LOCAL
-    (the first half of a paired program): that slot already holds the second half's increment R; the chunk's dk
-    gets its part of the term carried in from there, b_σ(R + Rᵀ)k_σ, and the slot becomes the state chunk's
-    increment, this chunk's own plus its decay times R."""
+    bh = tl.program_id(0).to(tl.int64)   # b·h on the axis without the 65,535 limit
+    ic = tl.program_id(1)
     b = bh // H
     h = bh % H
     rc = tl.arange(0, C)
@@ -151,59 +147,11 @@ def _bwd_sub_chunk(
         dk = dk + dk_i
         inc = -_xdot(tl.trans(e[:, None] * Ua), X, False, False, ACC) - tl.sum(ce * e, 0) * H0 \
             - _xdot(tl.trans(W1[:, None] * K), K, False, True, ACC)
-        pinc = inc_ptr + inc_off + rd[:, None] * D + rd[None, :]
-        if LOCAL:
-            tl.debug_barrier()                   # the slot was written by other threads of this program
-            R = tl.load(pinc)
-            local = bdec[:, None] * (_xdot(K, R, True, False, ACC) + _xdot(K, tl.trans(R), True, False, ACC))
-            dk = dk + local
-            dgam = dgam - 0.5 * tl.sum(K * local, 1)
-            inc = inc + tl.exp(glast) * R
-        tl.store(pinc, inc)
+        tl.store(inc_ptr + (bh * NC + ic) * D * D + rd[:, None] * D + rd[None, :], inc)
     else:
         tl.store(dq_ptr + pk, dqt.to(dq_ptr.dtype.element_ty), mask=m2)
     tl.store(dk_ptr + pk, dk, mask=m2)
     tl.store(dgam_ptr + row, dgam, mask=tm)
-
-
-@triton.jit
-def _bwd_chunk_kernel(
-        q_ptr, k_ptr, v_ptr, g_ptr, al_ptr, x_ptr, f_ptr, do_ptr, h0_ptr, u0_ptr, ru_ptr, om_ptr,
-        dq_ptr, dk_ptr, dv_ptr, dgam_ptr, dal_ptr, inc_ptr,
-        T, H, NC, NCS, r, scale, f_min,
-        D: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, N: tl.constexpr, MODE: tl.constexpr,
-        FAST: tl.constexpr, FAST_MODE: tl.constexpr, ILP: tl.constexpr, TRANS: tl.constexpr, ACC: tl.constexpr,
-        SR: tl.constexpr,
-):
-    """One program per (chunk, b·h); its increment per C-token chunk."""
-    bh = tl.program_id(0).to(tl.int64)   # b·h on the axis without the 65,535 limit
-    ic = tl.program_id(1)
-    _bwd_sub_chunk(q_ptr, k_ptr, v_ptr, g_ptr, al_ptr, x_ptr, f_ptr, do_ptr, h0_ptr, u0_ptr, ru_ptr, om_ptr,
-                   dq_ptr, dk_ptr, dv_ptr, dgam_ptr, dal_ptr, inc_ptr, (bh * NC + ic) * D * D, bh, ic,
-                   T, H, NC, NCS, r, scale, f_min, D, DV, C, N, MODE, FAST, FAST_MODE, ILP, TRANS, ACC, SR, False)
-
-
-@triton.jit
-def _bwd_pair_kernel(
-        q_ptr, k_ptr, v_ptr, g_ptr, al_ptr, x_ptr, f_ptr, do_ptr, h0_ptr, u0_ptr, ru_ptr, om_ptr,
-        dq_ptr, dk_ptr, dv_ptr, dgam_ptr, dal_ptr, inc_ptr,
-        T, H, NC, NCS, r, scale, f_min,
-        D: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, N: tl.constexpr, MODE: tl.constexpr,
-        FAST: tl.constexpr, FAST_MODE: tl.constexpr, ILP: tl.constexpr, TRANS: tl.constexpr, ACC: tl.constexpr,
-):
-    """One program per (state chunk of 2 C-token halves, b·h), N > 0 (``GKA_TRITON_BWD_PAIR=1``): the second half,
-    then the first, each as ``_bwd_chunk_kernel`` does it, and one increment per state chunk (the first half adds
-    the second's increment: its decay times it, and its own dk term from it), so the reverse scan and the inter
-    kernel run per state chunk, at half the traffic. A second half past the end is all masked (zero increment)."""
-    bh = tl.program_id(0).to(tl.int64)   # b·h on the axis without the 65,535 limit
-    js = tl.program_id(1)
-    off = (bh * NCS + js) * D * D
-    _bwd_sub_chunk(q_ptr, k_ptr, v_ptr, g_ptr, al_ptr, x_ptr, f_ptr, do_ptr, h0_ptr, u0_ptr, ru_ptr, om_ptr,
-                   dq_ptr, dk_ptr, dv_ptr, dgam_ptr, dal_ptr, inc_ptr, off, bh, 2 * js + 1,
-                   T, H, NC, NCS, r, scale, f_min, D, DV, C, N, MODE, FAST, FAST_MODE, ILP, TRANS, ACC, 2, False)
-    _bwd_sub_chunk(q_ptr, k_ptr, v_ptr, g_ptr, al_ptr, x_ptr, f_ptr, do_ptr, h0_ptr, u0_ptr, ru_ptr, om_ptr,
-                   dq_ptr, dk_ptr, dv_ptr, dgam_ptr, dal_ptr, inc_ptr, off, bh, 2 * js,
-                   T, H, NC, NCS, r, scale, f_min, D, DV, C, N, MODE, FAST, FAST_MODE, ILP, TRANS, ACC, 2, True)
 
 
 @triton.jit

@@ -7,9 +7,9 @@
               (readout gradient: a = q̃, x = do)
 and ``scan_increments`` runs the same recurrence over increments that were computed elsewhere. The reverse pass may
 mix its a-stream on the fly (``mix``: a = q + α·(x − q), the backward's q̃), so the fp32 q̃ is never written.
-``GKA_TRITON_STATE_SCAN=2`` (opt-in until timed) runs a pass in two levels: every chunk's increment in parallel,
-then the serial recurrence as a multiply-add scan; the one-level loop is latency-bound when few (b·h) run long
-sequences (KERNEL_NOTES.md v25).
+A pass of at least ``TWO_LEVEL_MIN_CHUNKS`` chunks runs in two levels: every chunk's increment in parallel, then
+the serial recurrence as a multiply-add scan. The one-level loop is latency-bound on long chains (KERNEL_NOTES.md
+v25, v26); ``GKA_TRITON_STATE_SCAN=1`` / ``=2`` force one level / two levels.
 States are fp32; the per-chunk products are fp32-like (dots.py).
 """
 from __future__ import annotations
@@ -168,13 +168,31 @@ def _strides(*tensors) -> Tuple[int, ...]:
     return tuple(st for ten in tensors for st in ten.stride()[:3])
 
 
+# Chain length from which the two-level pass is the faster one. Measured on the H200 (KERNEL_NOTES.md v26): at
+# 171 and 683 chunks the forward took 0.88x / 0.74x the one-level time (B4 T16384, B1 T65536), at 43 and 4
+# chunks 1.03x / 1.045x (B16 T4096 and B256 T196: many short chains fill the GPU with one level, and the
+# increments' extra write and read then cost more than the serial steps save).
+TWO_LEVEL_MIN_CHUNKS = 64
+
+
+def _two_level(NC: int) -> bool:
+    """Whether a pass over NC chunks runs in two levels (``GKA_TRITON_STATE_SCAN``: 1 never, 2 always, unset: from
+    ``TWO_LEVEL_MIN_CHUNKS`` chunks)."""
+    env = os.environ.get('GKA_TRITON_STATE_SCAN', '')
+    if env not in ('', '1', '2'):
+        raise ValueError(f'GKA_TRITON_STATE_SCAN must be 1 (one level) or 2 (two levels), got {env!r}')
+    if NC == 0:
+        return False
+    return env == '2' or (env == '' and NC >= TWO_LEVEL_MIN_CHUNKS)
+
+
 def _launch(a, streams, g, chunk_size, reverse, scale, want_final, prec, mix=None):
     """One launch of the state pass over one or two (x, init) streams sharing a and g (a mixed as ``chunk_states``
-    says when mix is given). ``GKA_TRITON_STATE_SCAN=2`` runs it in two levels (``_launch_two_level``)."""
-    if os.environ.get('GKA_TRITON_STATE_SCAN', '1') == '2' and a.shape[1] > 0:
-        return _launch_two_level(a, streams, g, chunk_size, reverse, scale, want_final, prec, mix)
+    says when mix is given), in two levels (``_launch_two_level``) where ``_two_level`` says so."""
     B, T, H, DA = a.shape
     NC = triton.cdiv(T, chunk_size)
+    if _two_level(NC):
+        return _launch_two_level(a, streams, g, chunk_size, reverse, scale, want_final, prec, mix)
     outs, inits = [], []
     for x, init in streams:
         DX = x.shape[-1]
@@ -254,11 +272,11 @@ def _scan_block(bh: int, size: int) -> int:
 
 
 def _launch_two_level(a, streams, g, chunk_size, reverse, scale, want_final, prec, mix=None):
-    """``_launch`` in two levels (``GKA_TRITON_STATE_SCAN=2``): the chunks' increments in one parallel launch, written
+    """``_launch`` in two levels: the chunks' increments in one parallel launch, written
     where their states go, then the serial recurrence in place (``scan_increments``), whose step is one multiply-add
     per element instead of a chunk's loads and products. Same results up to the order of fp32 rounding."""
     B, T, H, DA = a.shape
-    NC = triton.cdiv(T, chunk_size)   # T > 0: _launch takes the one-level pass otherwise
+    NC = triton.cdiv(T, chunk_size)   # T > 0: _two_level is False otherwise
     f32 = torch.float32
     pair = len(streams) == 2
     (x, _), (x2, _) = streams[0], streams[-1]
@@ -335,11 +353,12 @@ def scan_increments(inc: torch.Tensor, last: torch.Tensor, init: Optional[torch.
 
 
 def _scan_stages() -> int:
-    """Software-pipeline depth of the scan's loop (``GKA_TRITON_SCAN_STAGES``, default 1: none, opt-in until timed).
-    Its step is one load, one multiply-add and one store per element; unpipelined, each step waits for its load
-    (~1.2 µs per step on the H100), while the increments of later steps do not depend on the carry. The sm_90 compile
-    puts the loads on cp.async from 2 stages (KERNEL_NOTES.md v25)."""
-    stages = int(os.environ.get('GKA_TRITON_SCAN_STAGES', '1'))
+    """Software-pipeline depth of the scan's loop (``GKA_TRITON_SCAN_STAGES``, default 4; 1: the plain loop). Its
+    step is one load, one multiply-add and one store per element; unpipelined, each step waits for its load (~1.2 µs
+    per step on the H100), while the increments of later steps do not depend on the carry. The sm_90 compile puts
+    the loads on cp.async from 2 stages; 4 stages took 0.965x / 0.926x the fwd+bwd time at B4 T16384 / B1 T65536 on
+    the H200, the same at B256 T196 and B16 T4096, and the two-level pass needs it (KERNEL_NOTES.md v26)."""
+    stages = int(os.environ.get('GKA_TRITON_SCAN_STAGES', '4'))
     if stages < 1:
         raise ValueError(f'GKA_TRITON_SCAN_STAGES must be a positive integer, got {stages}')
     return stages
