@@ -391,19 +391,23 @@ def test_two_level_state_pass_matches_serial(monkeypatch):
 
 @pytest.mark.skipif(not HAVE_TRITON, reason='the state pass module needs triton')
 def test_two_level_rule(monkeypatch):
-    """The two-level pass runs from TWO_LEVEL_MIN_CHUNKS chunks on (never for an empty pass); GKA_TRITON_STATE_SCAN
-    forces one level (1) or two (2), and any other value is refused with the variable's name."""
-    from gka_kernels.triton.state_pass import TWO_LEVEL_MIN_CHUNKS, _two_level
+    """The two-level pass runs from TWO_LEVEL_MIN_CHUNKS chunks on, for states of up to TWO_LEVEL_MAX_STATE
+    elements (never for an empty pass); GKA_TRITON_STATE_SCAN forces one level (1) or two (2), and any other value
+    is refused with the variable's name."""
+    from gka_kernels.triton.state_pass import TWO_LEVEL_MAX_STATE, TWO_LEVEL_MIN_CHUNKS, _two_level
     monkeypatch.delenv('GKA_TRITON_STATE_SCAN', raising=False)
-    assert [_two_level(n) for n in (0, 1, TWO_LEVEL_MIN_CHUNKS - 1, TWO_LEVEL_MIN_CHUNKS, 4096)] == [
+    small, large = 32 * 64, 128 * 128
+    assert small <= TWO_LEVEL_MAX_STATE < large
+    assert [_two_level(n, small) for n in (0, 1, TWO_LEVEL_MIN_CHUNKS - 1, TWO_LEVEL_MIN_CHUNKS, 4096)] == [
         False, False, False, True, True]
+    assert not _two_level(4096, large)
     monkeypatch.setenv('GKA_TRITON_STATE_SCAN', '1')
-    assert not _two_level(4096)
+    assert not _two_level(4096, small)
     monkeypatch.setenv('GKA_TRITON_STATE_SCAN', '2')
-    assert _two_level(1) and not _two_level(0)
+    assert _two_level(1, large) and not _two_level(0, small)
     monkeypatch.setenv('GKA_TRITON_STATE_SCAN', 'yes')
     with pytest.raises(ValueError, match='GKA_TRITON_STATE_SCAN'):
-        _two_level(64)
+        _two_level(64, small)
 
 
 @cases

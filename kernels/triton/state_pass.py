@@ -168,22 +168,25 @@ def _strides(*tensors) -> Tuple[int, ...]:
     return tuple(st for ten in tensors for st in ten.stride()[:3])
 
 
-# Chain length from which the two-level pass is the faster one. Measured on the H200 (KERNEL_NOTES.md v26): at
-# 171 and 683 chunks the forward took 0.88x / 0.74x the one-level time (B4 T16384, B1 T65536), at 43 and 4
-# chunks 1.03x / 1.045x (B16 T4096 and B256 T196: many short chains fill the GPU with one level, and the
-# increments' extra write and read then cost more than the serial steps save).
+# Where the two-level pass is the faster one, measured on the H200 (KERNEL_NOTES.md v26). D = DV = 64: at 171 and
+# 683 chunks the forward took 0.89x / 0.74x the one-level time (B4 T16384, B1 T65536; gka_small's inference at
+# 2048 px 0.87x), at 43 and 4 chunks 1.03x / 1.045x (B16 T4096, B256 T196: many short chains fill the GPU with one
+# level, and the increments' extra write and read cost more than the serial steps save). D = 128 states are 4x the
+# bytes per chunk: at 64 chunks (B4 T4096 H16) two levels took 1.03x, so they keep one level.
 TWO_LEVEL_MIN_CHUNKS = 64
+TWO_LEVEL_MAX_STATE = 64 * 64
 
 
-def _two_level(NC: int) -> bool:
-    """Whether a pass over NC chunks runs in two levels (``GKA_TRITON_STATE_SCAN``: 1 never, 2 always, unset: from
-    ``TWO_LEVEL_MIN_CHUNKS`` chunks)."""
+def _two_level(NC: int, state_size: int) -> bool:
+    """Whether a pass over NC chunks of [DA, DX] states (state_size = DA·DX) runs in two levels
+    (``GKA_TRITON_STATE_SCAN``: 1 never, 2 always, unset: from ``TWO_LEVEL_MIN_CHUNKS`` chunks of states up to
+    ``TWO_LEVEL_MAX_STATE`` elements)."""
     env = os.environ.get('GKA_TRITON_STATE_SCAN', '')
     if env not in ('', '1', '2'):
         raise ValueError(f'GKA_TRITON_STATE_SCAN must be 1 (one level) or 2 (two levels), got {env!r}')
     if NC == 0:
         return False
-    return env == '2' or (env == '' and NC >= TWO_LEVEL_MIN_CHUNKS)
+    return env == '2' or (env == '' and NC >= TWO_LEVEL_MIN_CHUNKS and state_size <= TWO_LEVEL_MAX_STATE)
 
 
 def _launch(a, streams, g, chunk_size, reverse, scale, want_final, prec, mix=None):
@@ -191,7 +194,7 @@ def _launch(a, streams, g, chunk_size, reverse, scale, want_final, prec, mix=Non
     says when mix is given), in two levels (``_launch_two_level``) where ``_two_level`` says so."""
     B, T, H, DA = a.shape
     NC = triton.cdiv(T, chunk_size)
-    if _two_level(NC):
+    if _two_level(NC, DA * max(x.shape[-1] for x, _ in streams)):
         return _launch_two_level(a, streams, g, chunk_size, reverse, scale, want_final, prec, mix)
     outs, inits = [], []
     for x, init in streams:
