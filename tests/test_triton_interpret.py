@@ -315,8 +315,8 @@ def test_paired_state_pass_is_exact():
     bit (also with DV ≠ D and an initial state), and the same outputs, final states and gradients through the whole
     operator."""
     from gka_kernels.triton.state_pass import chunk_states, gram_and_kv_states
-    for D, DV, dtype, init in ((32, 32, torch.float32, False), (32, 64, torch.float16, True),
-                               (64, 32, torch.float32, True)):
+    for D, DV, dtype, init in ((32, 32, torch.float32, False), (32, 32, torch.float16, True),
+                               (32, 64, torch.float16, True), (64, 32, torch.float32, True)):
         q, k, v, g, _ = make_inputs(2, 45, 2, D, dtype, Dv=DV)
         h0, u0 = _states(2, 2, D, DV, torch.float32) if init else (None, None)
         sep = (chunk_states(k, k, g, h0, 16), chunk_states(k, v, g, u0, 16))
@@ -360,7 +360,8 @@ def test_reverse_state_pass_mixes_the_query_in_kernel():
 @cases
 def test_two_level_state_pass_matches_serial(monkeypatch):
     """The two-level pass (GKA_TRITON_STATE_SCAN=2 forces it at any length): the chunks' increments in parallel, then
-    the serial multiply-add scan in place. The same states and final states as the one-level pass to fp32 rounding: forward and reverse, one stream and the
+    the serial multiply-add scan in place (the Gram and KV streams in one scan launch where their states have one
+    shape, else one launch each). The same states and final states as the one-level pass to fp32 rounding: forward and reverse, one stream and the
     Gram + KV pair, with and without initial states, DV ≠ D, a ragged tail, the in-kernel q̃ mix; and the same
     outputs and gradients through the whole operator."""
     from gka_kernels.triton.state_pass import chunk_states, gram_and_kv_states
@@ -368,8 +369,8 @@ def test_two_level_state_pass_matches_serial(monkeypatch):
     def rel(a, b):
         return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
-    for D, DV, dtype, init in ((32, 32, torch.float32, False), (32, 64, torch.float16, True),
-                               (64, 32, torch.float32, True)):
+    for D, DV, dtype, init in ((32, 32, torch.float32, False), (32, 32, torch.float16, True),
+                               (32, 64, torch.float16, True), (64, 32, torch.float32, True)):
         q, k, v, g, a = make_inputs(2, 45, 2, D, dtype, Dv=DV)
         x = torch.randn(2, 45, 2, D)
         h0, u0 = _states(2, 2, D, DV, torch.float32) if init else (None, None)
@@ -439,27 +440,32 @@ def test_long_passes_take_two_levels_by_default(monkeypatch):
 @pytest.mark.parametrize('stages', ['1', '4'])
 def test_scan_increments_matches_the_recurrence(stages, monkeypatch):
     """scan_increments against the recurrence in float64 (forward and reverse, with and without an initial state,
-    into a new tensor and in place, blocks smaller than a state), as the plain loop (GKA_TRITON_SCAN_STAGES=1) and
-    at the default depth 4 (the loop as tl.range with num_stages: the interpreter runs it unpipelined, the GPU
-    tests run it pipelined); a depth below 1 is refused."""
+    into a new tensor and in place, blocks smaller than a state, and streams stacked on the first axis that share
+    one row of decays), as the plain loop (GKA_TRITON_SCAN_STAGES=1) and at the default depth 4 (the loop as
+    tl.range with num_stages: the interpreter runs it unpipelined, the GPU tests run it pipelined); a depth below 1
+    and decays of the wrong shape are refused."""
     from gka_kernels.triton.state_pass import scan_increments
     monkeypatch.setenv('GKA_TRITON_SCAN_STAGES', stages)
     BH, NC, D1, D2 = 3, 5, 8, 16
     for reverse in (False, True):
         for with_init in (False, True):
-            for in_place in (False, True):
+            for in_place, NL in ((False, BH), (True, BH), (True, 1)):
                 inc = torch.randn(BH, NC, D1, D2)
-                last = torch.rand(BH, NC) * 0.9 + 0.05
+                last = torch.rand(NL, NC) * 0.9 + 0.05
+                decay = last.double().repeat(BH // NL, 1)     # row bh decays by last[bh % NL]
                 init = torch.randn(BH, D1, D2) if with_init else None
                 ref, cur = torch.empty(BH, NC, D1, D2, dtype=torch.float64), (
                     init.double() if with_init else torch.zeros(BH, D1, D2, dtype=torch.float64))
                 for c in (range(NC - 1, -1, -1) if reverse else range(NC)):
                     ref[:, c] = cur
-                    cur = last[:, c, None, None].double() * cur + inc[:, c].double()
+                    cur = decay[:, c, None, None] * cur + inc[:, c].double()
                 src = inc.clone()
                 states, final = scan_increments(src, last, init, reverse, out=src if in_place else None, block=64)
-                assert rel_rmse(states, ref) < 1e-6 and rel_rmse(final, cur) < 1e-6, (reverse, with_init, in_place)
+                case = (reverse, with_init, in_place, NL)
+                assert rel_rmse(states, ref) < 1e-6 and rel_rmse(final, cur) < 1e-6, case
                 assert (states.data_ptr() == src.data_ptr()) == in_place
+    with pytest.raises(ValueError, match='last must be'):
+        scan_increments(inc, torch.rand(2, NC), None, False)
     monkeypatch.setenv('GKA_TRITON_SCAN_STAGES', '0')
     with pytest.raises(ValueError, match='GKA_TRITON_SCAN_STAGES'):
         scan_increments(inc, last, None, False)

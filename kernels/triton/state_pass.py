@@ -282,8 +282,16 @@ def _launch_two_level(a, streams, g, chunk_size, reverse, scale, want_final, pre
     NC = triton.cdiv(T, chunk_size)   # T > 0: _two_level is False otherwise
     f32 = torch.float32
     pair = len(streams) == 2
-    (x, _), (x2, _) = streams[0], streams[-1]
-    incs = [torch.empty(B * H, NC, DA, xs.shape[-1], device=a.device, dtype=f32) for xs, _ in streams]
+    (x, init), (x2, init2) = streams[0], streams[-1]
+    DX = x.shape[-1]
+    # both streams' scans in one launch when their states have one shape: the scan is serial over chunks and
+    # latency-bound, so two launches take twice one's time (GKA_TRITON_SCAN_PAIR=0: one launch per stream)
+    joint = pair and x2.shape[-1] == DX and os.environ.get('GKA_TRITON_SCAN_PAIR', '1') != '0'
+    if joint:
+        both = torch.empty(2, B * H, NC, DA, DX, device=a.device, dtype=f32)
+        incs = [both[0], both[1]]
+    else:
+        incs = [torch.empty(B * H, NC, DA, xs.shape[-1], device=a.device, dtype=f32) for xs, _ in streams]
     last = torch.empty(B * H, NC, device=a.device, dtype=f32)
     m, al = mix if mix is not None else (a, g)   # placeholders when not mixing (MIX=False reads neither)
     _chunk_increments_kernel[(B * H, NC, 2 if pair else 1)](
@@ -293,16 +301,23 @@ def _launch_two_level(a, streams, g, chunk_size, reverse, scale, want_final, pre
         X_EXACT=x.dtype == torch.bfloat16, PAIR=pair, MIX=mix is not None,
         num_warps=4,
     )
+    if joint:   # the pair path gives both initial states or neither
+        inits = torch.stack([i.to(f32).reshape(B * H, DA, DX) for i in (init, init2)]) if init is not None else None
+        flat = both.view(2 * B * H, NC, DA, DX)
+        states, final = scan_increments(flat, last, inits, reverse, out=flat, block=_scan_block(B * H, DA * DX))
+        states, final = states.view(2, B * H, NC, DA, DX), final.view(2, B * H, DA, DX)
+        return [(states[i], final[i] if want_final else None) for i in range(2)]
     outs = []
-    for inc, (_, init) in zip(incs, streams):
-        states, final = scan_increments(inc, last, init, reverse, out=inc,
-                                        block=_scan_block(B * H, inc.shape[-1] * inc.shape[-2]))
+    for inc, (_, ini) in zip(incs, streams):
+        states, final = scan_increments(inc, last, ini, reverse, out=inc,
+                                        block=_scan_block(B * H, DA * inc.shape[-1]))
         outs.append((states, final if want_final else None))
     return outs
 
 
 @triton.jit
-def _scan_step(cur, inc_ptr, last_ptr, out_ptr, bh, step, offs, NC, SIZE: tl.constexpr, REVERSE: tl.constexpr):
+def _scan_step(cur, inc_ptr, last_ptr, out_ptr, bh, lrow, step, offs, NC, SIZE: tl.constexpr,
+               REVERSE: tl.constexpr):
     if REVERSE:
         c = NC - 1 - step
     else:
@@ -310,16 +325,17 @@ def _scan_step(cur, inc_ptr, last_ptr, out_ptr, bh, step, offs, NC, SIZE: tl.con
     base = (bh * NC + c) * SIZE + offs
     inc = tl.load(inc_ptr + base)    # before the store: out may be inc itself (the two-level state pass)
     tl.store(out_ptr + base, cur)
-    return tl.load(last_ptr + bh * NC + c) * cur + inc
+    return tl.load(last_ptr + lrow * NC + c) * cur + inc
 
 
 @triton.jit
 def _scan_increments_kernel(
-        inc_ptr, last_ptr, init_ptr, out_ptr, final_ptr, NC,
+        inc_ptr, last_ptr, init_ptr, out_ptr, final_ptr, NC, NL,
         SIZE: tl.constexpr, BLOCK: tl.constexpr, HAS_INIT: tl.constexpr, REVERSE: tl.constexpr,
         STAGES: tl.constexpr = 1,
 ):
     bh = tl.program_id(0).to(tl.int64)
+    lrow = bh % NL                       # the decays' row: several streams stacked on bh share them
     blk = tl.program_id(1)
     offs = blk * BLOCK + tl.arange(0, BLOCK)
     if HAS_INIT:
@@ -328,21 +344,25 @@ def _scan_increments_kernel(
         cur = tl.zeros([BLOCK], dtype=tl.float32)
     if STAGES > 1:
         for step in tl.range(NC, num_stages=STAGES):
-            cur = _scan_step(cur, inc_ptr, last_ptr, out_ptr, bh, step, offs, NC, SIZE, REVERSE)
+            cur = _scan_step(cur, inc_ptr, last_ptr, out_ptr, bh, lrow, step, offs, NC, SIZE, REVERSE)
     else:
         for step in range(NC):
-            cur = _scan_step(cur, inc_ptr, last_ptr, out_ptr, bh, step, offs, NC, SIZE, REVERSE)
+            cur = _scan_step(cur, inc_ptr, last_ptr, out_ptr, bh, lrow, step, offs, NC, SIZE, REVERSE)
     tl.store(final_ptr + bh * SIZE + offs, cur)
 
 
 def scan_increments(inc: torch.Tensor, last: torch.Tensor, init: Optional[torch.Tensor], reverse: bool,
                     out: Optional[torch.Tensor] = None, block: Optional[int] = None,
                     ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """inc [BH, NC, D1, D2] fp32 contiguous, last [BH, NC]: the recurrence of ``chunk_states`` over given
+    """inc [BH, NC, D1, D2] fp32 contiguous, last [NL, NC] with BH a multiple of NL (row bh decays by last[bh % NL]:
+    streams stacked on the first axis share their decays): the recurrence of ``chunk_states`` over given
     increments. Returns the per-chunk states (into ``out``, which may be inc itself) and the state after the pass.
     ``block``: elements per program (default min(D1·D2, 1024)); the pass is serial over chunks, so smaller blocks
     give more programs."""
     BH, NC, D1, D2 = inc.shape
+    NL = last.shape[0]
+    if last.shape[1] != NC or BH % NL:
+        raise ValueError(f'scan_increments: last must be [NL, {NC}] with NL dividing {BH}, got {list(last.shape)}')
     size = D1 * D2
     out = torch.empty_like(inc) if out is None else out
     final = torch.empty(BH, D1, D2, device=inc.device, dtype=torch.float32)
@@ -350,7 +370,7 @@ def scan_increments(inc: torch.Tensor, last: torch.Tensor, init: Optional[torch.
         init = init.to(torch.float32).reshape(BH, D1, D2).contiguous()
     block = min(size, block or 1024)
     _scan_increments_kernel[(BH, size // block)](
-        inc, last.contiguous(), init if init is not None else inc, out, final, NC,
+        inc, last.contiguous(), init if init is not None else inc, out, final, NC, NL,
         SIZE=size, BLOCK=block, HAS_INIT=init is not None, REVERSE=reverse, STAGES=_scan_stages(), num_warps=4)
     return out, final
 
