@@ -360,8 +360,8 @@ def test_reverse_state_pass_mixes_the_query_in_kernel():
 @cases
 def test_two_level_state_pass_matches_serial(monkeypatch):
     """The two-level pass (GKA_TRITON_STATE_SCAN=2 forces it at any length): the chunks' increments in parallel, then
-    the serial multiply-add scan in place (the Gram and KV streams in one scan launch where their states have one
-    shape, else one launch each). The same states and final states as the one-level pass to fp32 rounding: forward and reverse, one stream and the
+    the serial multiply-add scan in place (one launch per stream, or with GKA_TRITON_SCAN_PAIR=1 the Gram and KV
+    streams in one launch where their states have one shape). The same states and final states as the one-level pass to fp32 rounding: forward and reverse, one stream and the
     Gram + KV pair, with and without initial states, DV ≠ D, a ragged tail, the in-kernel q̃ mix; and the same
     outputs and gradients through the whole operator."""
     from gka_kernels.triton.state_pass import chunk_states, gram_and_kv_states
@@ -376,15 +376,19 @@ def test_two_level_state_pass_matches_serial(monkeypatch):
         h0, u0 = _states(2, 2, D, DV, torch.float32) if init else (None, None)
         du = torch.randn(2, 2, D, DV) if init else None
         runs = {}
-        for scan in ('1', '2'):
+        for scan, joint in (('1', '0'), ('2', '0'), ('2', '1')):
             monkeypatch.setenv('GKA_TRITON_STATE_SCAN', scan)
-            runs[scan] = gram_and_kv_states(k, v, g, h0, u0, 16) + (
+            monkeypatch.setenv('GKA_TRITON_SCAN_PAIR', joint)
+            runs[scan + joint] = gram_and_kv_states(k, v, g, h0, u0, 16) + (
                 chunk_states(q, v, g, du, 16, reverse=True, scale=0.7, mix=(x, a)),
                 chunk_states(k, v, g, u0, 16, want_final=False))
-        for i, ((s1, f1), (s2, f2)) in enumerate(zip(runs['1'], runs['2'])):
-            assert rel(s2, s1) < 1e-6, (D, DV, dtype, init, i, rel(s2, s1))
-            assert (f1 is None) == (f2 is None) and (f1 is None or rel(f2, f1) < 1e-6), (D, DV, dtype, init, i)
+        for variant in ('20', '21'):
+            for i, ((s1, f1), (s2, f2)) in enumerate(zip(runs['10'], runs[variant])):
+                case = (variant, D, DV, dtype, init, i)
+                assert rel(s2, s1) < 1e-6, case + (rel(s2, s1),)
+                assert (f1 is None) == (f2 is None) and (f1 is None or rel(f2, f1) < 1e-6), case
     monkeypatch.delenv('GKA_TRITON_STATE_SCAN')
+    monkeypatch.delenv('GKA_TRITON_SCAN_PAIR')
     for env, got, whole in _chained_runs(16, [{'GKA_TRITON_STATE_SCAN': '2'}]):
         for name, a_, b_ in zip(_CHAINED, got, whole):
             assert rel(a_, b_) < 1e-5, f'{env} {name}: rel. error {rel(a_, b_):.2e}'

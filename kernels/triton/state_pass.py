@@ -284,9 +284,11 @@ def _launch_two_level(a, streams, g, chunk_size, reverse, scale, want_final, pre
     pair = len(streams) == 2
     (x, init), (x2, init2) = streams[0], streams[-1]
     DX = x.shape[-1]
-    # both streams' scans in one launch when their states have one shape: the scan is serial over chunks and
-    # latency-bound, so two launches take twice one's time (GKA_TRITON_SCAN_PAIR=0: one launch per stream)
-    joint = pair and x2.shape[-1] == DX and os.environ.get('GKA_TRITON_SCAN_PAIR', '1') != '0'
+    # GKA_TRITON_SCAN_PAIR=1 (opt-in until a GPU test has run it): both streams' scans in one launch when their
+    # states have one shape. The scan is serial over chunks and latency-bound, so two launches take about twice
+    # one's time: 0.93x / 0.92x the forward at B4 T16384 / B1 T65536 on an H100, but gka_small's inference at
+    # 2048 px unchanged (1.00x; KERNEL_NOTES.md v26)
+    joint = pair and x2.shape[-1] == DX and os.environ.get('GKA_TRITON_SCAN_PAIR', '0') == '1'
     if joint:
         both = torch.empty(2, B * H, NC, DA, DX, device=a.device, dtype=f32)
         incs = [both[0], both[1]]
