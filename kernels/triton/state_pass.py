@@ -169,7 +169,7 @@ def _strides(*tensors) -> Tuple[int, ...]:
 
 
 # Where the two-level pass is the faster one, measured on the H200 (KERNEL_NOTES.md v26). D = DV = 64: at 171 and
-# 683 chunks the forward took 0.89x / 0.74x the one-level time (B4 T16384, B1 T65536; gka_small's inference at
+# 683 chunks the forward took 0.88x / 0.74x the one-level time (B4 T16384, B1 T65536; gka_small's inference at
 # 2048 px 0.87x), at 43 and 4 chunks 1.03x / 1.045x (B16 T4096, B256 T196: many short chains fill the GPU with one
 # level, and the increments' extra write and read cost more than the serial steps save). D = 128 states are 4x the
 # bytes per chunk: at 64 chunks (B4 T4096 H16) two levels took 1.03x, so they keep one level.
