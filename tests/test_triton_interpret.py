@@ -103,19 +103,13 @@ CONFIGS = [
 ]
 
 
-def _float64_case(B, T, H, D, init, dfin):
-    """Inputs, initial state, output gradient and final-state gradient (float64) of one CONFIGS-like case."""
+@cases
+@pytest.mark.parametrize('B,T,H,D,C,N,init,dfin', CONFIGS)
+def test_fp32_matches_torch_backend(B, T, H, D, C, N, init, dfin):
     ins = make_inputs(B, T, H, D, torch.float64)
     st = _states(B, H, D, D, torch.float64) if init else None
     do = torch.randn(B, T, H, D, dtype=torch.float64)
     dst = _states(B, H, D, D, torch.float64) if dfin else None
-    return ins, st, do, dst
-
-
-@cases
-@pytest.mark.parametrize('B,T,H,D,C,N,init,dfin', CONFIGS)
-def test_fp32_matches_torch_backend(B, T, H, D, C, N, init, dfin):
-    ins, st, do, dst = _float64_case(B, T, H, D, init, dfin)
     ref = _run('torch', ins, torch.float64, N, C, st, do, dst)
     out = _run('triton', ins, torch.float32, N, C, st, do, dst)
     for name, r in ref.items():

@@ -275,9 +275,9 @@ def _scan_block(bh: int, size: int) -> int:
 
 
 def _launch_two_level(a, streams, g, chunk_size, reverse, scale, want_final, prec, mix=None):
-    """``_launch`` in two levels: the chunks' increments in one parallel launch, written
-    where their states go, then the serial recurrence in place (``scan_increments``), whose step is one multiply-add
-    per element instead of a chunk's loads and products. Same results up to the order of fp32 rounding."""
+    """``_launch`` in two levels: the chunks' increments in one parallel launch, written where their states go, then
+    the serial recurrence in place (``scan_increments``), whose step is one multiply-add per element instead of a
+    chunk's loads and products. Same results up to the order of fp32 rounding."""
     B, T, H, DA = a.shape
     NC = triton.cdiv(T, chunk_size)   # T > 0: _two_level is False otherwise
     f32 = torch.float32
