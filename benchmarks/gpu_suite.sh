@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Everything the GPU machine has to check and time (the device lease is short).
 #   bash benchmarks/gpu_suite.sh [stage ...]     stages: setup tests kernels itersplit schedule ab models modelprofile
-#                                               compiled fusedglue statecap v26 lm demo
+#                                               compiled fusedglue statecap v26 v27 profile2048 lm
+#                                               demo
 #                                               (default: setup tests kernels models lm)
 # One device call may run 10 minutes, so run the stages in a few calls, each starting with setup. Measured stage
 # times on the H200 (2026-11-29): setup 20 s, tests 3.5-4.5 min (36 cases: 35 in 207 s warm, 32 in 260 s cold), schedule ~1.5 min, kernels 45 s, models ~6 min for all
@@ -69,6 +70,18 @@ for s in "${stages[@]}"; do
              run_stage v26_models 240 python3 benchmarks/ab.py --out "$OUT/v26_models" --rounds 3 \
                --variants default STATE_SCAN=1,SCAN_STAGES=1 --shapes \
                --models gka_small --sizes 1024 2048 --modes infer train ;;
+    v27)     # both streams' scans in one launch (the default since v27) against a launch each, and a deeper scan
+             # pipeline, interleaved: kernels from many short to few long sequences; gka_small inference at 1024 /
+             # 2048 px
+             run_stage v27_kernels ${V27_LIMIT:-240} python3 benchmarks/ab.py --out "$OUT/v27_kernels" --rounds 3 \
+               --variants default SCAN_PAIR=0 SCAN_STAGES=8 \
+               --shapes 256,196,6,64 16,4096,6,64 4,16384,6,64 1,65536,6,64
+             run_stage v27_models 150 python3 benchmarks/ab.py --out "$OUT/v27_models" --rounds 3 \
+               --variants default SCAN_PAIR=0 SCAN_STAGES=8 --shapes \
+               --models gka_small --sizes 1024 2048 --modes infer ;;
+    profile2048)  # where gka_small's inference time goes at 2048 px (the state passes' share grows with length)
+             run_stage profile2048 90 python3 benchmarks/models.py --out "$OUT/profile2048" --profile gka_small \
+               --img-size 2048 --modes infer ;;
     schedule) run_stage schedule 200 python3 benchmarks/gpu_kernels_check.py --only schedule,profile ;;
     fusedglue)  # the opt-in fused glue of the vision mixer (gka_vision/models/scan_qkv.py, merge_norm.py) against the
              # PyTorch glue in the same run (absolute times drift between machines)

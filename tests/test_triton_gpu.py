@@ -97,20 +97,20 @@ def test_initial_state_and_ragged_tail_bf16():
                                  {'GKA_TRITON_DOT': 'bf16x3'},
                                  {'GKA_TRITON_FAST_DOT': 'lowp', 'GKA_TRITON_FAST_ITERS': '10'},
                                  {'GKA_TRITON_STATE_PAIR': '0'}, {'GKA_TRITON_STATE_SCAN': '2'},
-                                 {'GKA_TRITON_STATE_SCAN': '2', 'GKA_TRITON_SCAN_PAIR': '1'},
+                                 {'GKA_TRITON_STATE_SCAN': '2', 'GKA_TRITON_SCAN_PAIR': '0'},
                                  {'GKA_TRITON_STATE_SCAN': '1', 'GKA_TRITON_SCAN_STAGES': '1'},
                                  {'GKA_TRITON_MIX_QT': '0'}],
                          ids=['padded-no-fast', 'h16x2', 'bf16x3', 'bf16-fast10', 'two-state-launches',
-                              'two-level-states', 'two-level-one-scan', 'one-level-unpipelined', 'qt-in-torch'])
+                              'two-level-states', 'two-level-two-scans', 'one-level-unpipelined', 'qt-in-torch'])
 @pytest.mark.parametrize('shape', [(4, 196, 6, 64), (1, 2048, 4, 128)], ids=['vision', 'lm'])
 def test_other_schedules_vs_float64_oracle(shape, env, monkeypatch):
     """The schedules a benchmark can switch to hold the bf16 bounds too (KERNEL_NOTES.md v8-v10): the padded last
     chunk without fast steps (the default before v10), h16x2's fp16 H⁰ products (forward and both adjoint solves)
     with its fp16 leading steps (the default at D = 64 since v16), the bf16 split H⁰ products (the default before),
     single-pass bf16 leading steps, the Gram and KV state passes as two launches (the default before v11), the
-    two-level state passes at every length (the default from 64 chunks since v26), also with both streams in one
-    scan launch (GKA_TRITON_SCAN_PAIR=1, opt-in), the one-level passes with the unpipelined scan (the default
-    before v26), and q̃ built in torch for the backward's reverse pass (before v25).
+    two-level state passes at every length (the default from 64 chunks since v26; both streams in one scan launch
+    since v27), also with a scan launch per stream (GKA_TRITON_SCAN_PAIR=0), the one-level passes with the
+    unpipelined scan (the default before v26), and q̃ built in torch for the backward's reverse pass (before v25).
     Triton 3.6 on Hopper has miscompiled kernels the interpreter passes, so only this run proves a schedule."""
     for key, val in env.items():
         monkeypatch.setenv(key, val)
@@ -119,6 +119,33 @@ def test_other_schedules_vs_float64_oracle(shape, env, monkeypatch):
     bounds = BOUNDS[torch.bfloat16]
     bad = {k: f'{v:.2e} > {bounds[k]:.0e}' for k, v in err.items() if not v <= bounds[k]}
     assert not bad, f'{shape} {env}: {bad}; all: {err}'
+
+
+def test_one_scan_launch_matches_two_bitwise():
+    """The two-level state passes scan the Gram and KV streams in one launch by default (GKA_TRITON_SCAN_PAIR=0: a
+    launch each). Each element goes through the same multiply-adds either way, so the output, final states and
+    every gradient must be equal bit for bit, at a length whose forward (128 chunks of 64) and backward (256 state
+    chunks of 32) both take two levels, with initial states."""
+    B, T, H, D = 2, 8192, 3, 64
+    ins = make_inputs(B, T, H, D, torch.bfloat16, device=DEV)
+    h = torch.randn(B, H, D, D, device=DEV)
+    st = (h @ h.transpose(-1, -2) / D, torch.randn(B, H, D, D, device=DEV) * 0.3)
+    do = torch.randn(B, T, H, D, device=DEV, dtype=torch.bfloat16)
+    runs = []
+    for pair in ('1', '0'):
+        os.environ['GKA_TRITON_SCAN_PAIR'] = pair
+        try:
+            xs = [t.detach().requires_grad_() for t in ins]
+            s0 = [s.detach().requires_grad_() for s in st]
+            o, (hT, uT) = gk.gka_chunk(*xs, initial_state=tuple(s0), output_final_state=True, backend='triton')
+            ((o.float() * do.float()).sum() + hT.sum() * 1e-3 + uT.sum() * 1e-3).backward()
+        finally:
+            del os.environ['GKA_TRITON_SCAN_PAIR']
+        runs.append([o, hT, uT] + [t.grad for t in xs] + [s.grad for s in s0])
+    names = ('o', 'h_kk', 'h_kv', 'dq', 'dk', 'dv', 'dg', 'dalpha', 'dh0', 'du0')
+    assert all(torch.isfinite(t).all() for t in runs[0])
+    differ = [n for n, a, b in zip(names, *runs) if not torch.equal(a, b)]
+    assert not differ, differ
 
 
 @pytest.mark.parametrize('r', [0.005, 0.01, 0.05, 0.1])

@@ -354,10 +354,11 @@ def test_reverse_state_pass_mixes_the_query_in_kernel():
 @cases
 def test_two_level_state_pass_matches_serial(monkeypatch):
     """The two-level pass (GKA_TRITON_STATE_SCAN=2 forces it at any length): the chunks' increments in parallel, then
-    the serial multiply-add scan in place (one launch per stream, or with GKA_TRITON_SCAN_PAIR=1 the Gram and KV
-    streams in one launch where their states have one shape). The same states and final states as the one-level pass to fp32 rounding: forward and reverse, one stream and the
-    Gram + KV pair, with and without initial states, DV ≠ D, a ragged tail, the in-kernel q̃ mix; and the same
-    outputs and gradients through the whole operator."""
+    the serial multiply-add scan in place (the Gram and KV streams in one launch where their states have one
+    shape, the default, or one launch per stream with GKA_TRITON_SCAN_PAIR=0, bit for bit the same). The same
+    states and final states as the one-level pass to fp32 rounding: forward and reverse, one stream and the Gram +
+    KV pair, with and without initial states, DV ≠ D, a ragged tail, the in-kernel q̃ mix; and the same outputs and
+    gradients through the whole operator."""
     from gka_kernels.triton.state_pass import chunk_states, gram_and_kv_states
 
     def rel(a, b):
@@ -381,6 +382,8 @@ def test_two_level_state_pass_matches_serial(monkeypatch):
                 case = (variant, D, DV, dtype, init, i)
                 assert rel(s2, s1) < 1e-6, case + (rel(s2, s1),)
                 assert (f1 is None) == (f2 is None) and (f1 is None or rel(f2, f1) < 1e-6), case
+        for (s1, f1), (s2, f2) in zip(runs['20'], runs['21']):   # the same arithmetic per element, one launch
+            assert torch.equal(s1, s2) and (f1 is None or torch.equal(f1, f2)), (D, DV, dtype, init)
     monkeypatch.delenv('GKA_TRITON_STATE_SCAN')
     monkeypatch.delenv('GKA_TRITON_SCAN_PAIR')
     for env, got, whole in _chained_runs(16, [{'GKA_TRITON_STATE_SCAN': '2'}]):
@@ -409,6 +412,33 @@ def test_two_level_rule(monkeypatch):
         _two_level(64, small)
 
 
+@pytest.mark.skipif(not HAVE_TRITON, reason='the state pass module needs triton')
+def test_scan_depth_rule(monkeypatch):
+    """The scan pipelines 8 steps deep from DEEP_SCAN_MIN_CHUNKS chunks on and 4 below, unless
+    GKA_TRITON_SCAN_STAGES sets the depth (at least 1)."""
+    from gka_kernels.triton.state_pass import DEEP_SCAN_MIN_CHUNKS, _scan_stages
+    monkeypatch.delenv('GKA_TRITON_SCAN_STAGES', raising=False)
+    assert [_scan_stages(n) for n in (1, DEEP_SCAN_MIN_CHUNKS - 1, DEEP_SCAN_MIN_CHUNKS, 4096)] == [4, 4, 8, 8]
+    monkeypatch.setenv('GKA_TRITON_SCAN_STAGES', '2')
+    assert _scan_stages(4096) == 2
+    monkeypatch.setenv('GKA_TRITON_SCAN_STAGES', '0')
+    with pytest.raises(ValueError, match='GKA_TRITON_SCAN_STAGES'):
+        _scan_stages(4096)
+
+
+@pytest.mark.skipif(not HAVE_TRITON, reason='the state pass module needs triton')
+def test_scan_pair_switch(monkeypatch):
+    """Both streams' scans share one launch unless GKA_TRITON_SCAN_PAIR=0; any other value is refused by name."""
+    from gka_kernels.triton.state_pass import _scan_pair
+    monkeypatch.delenv('GKA_TRITON_SCAN_PAIR', raising=False)
+    assert _scan_pair()
+    monkeypatch.setenv('GKA_TRITON_SCAN_PAIR', '0')
+    assert not _scan_pair()
+    monkeypatch.setenv('GKA_TRITON_SCAN_PAIR', 'on')
+    with pytest.raises(ValueError, match='GKA_TRITON_SCAN_PAIR'):
+        _scan_pair()
+
+
 @cases
 def test_long_passes_take_two_levels_by_default(monkeypatch):
     """Without GKA_TRITON_STATE_SCAN a pass of TWO_LEVEL_MIN_CHUNKS chunks launches the two-level kernels and a
@@ -435,11 +465,11 @@ def test_long_passes_take_two_levels_by_default(monkeypatch):
 
 
 @cases
-@pytest.mark.parametrize('stages', ['1', '4'])
+@pytest.mark.parametrize('stages', ['1', '4', '8'])
 def test_scan_increments_matches_the_recurrence(stages, monkeypatch):
     """scan_increments against the recurrence in float64 (forward and reverse, with and without an initial state,
     into a new tensor and in place, blocks smaller than a state, and streams stacked on the first axis that share
-    one row of decays), as the plain loop (GKA_TRITON_SCAN_STAGES=1) and at the default depth 4 (the loop as
+    one row of decays), as the plain loop (GKA_TRITON_SCAN_STAGES=1) and at the default depths 4 and 8 (the loop as
     tl.range with num_stages: the interpreter runs it unpipelined, the GPU tests run it pipelined); a depth below 1
     and decays of the wrong shape are refused."""
     from gka_kernels.triton.state_pass import scan_increments

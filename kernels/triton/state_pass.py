@@ -274,6 +274,16 @@ def _scan_block(bh: int, size: int) -> int:
     return block
 
 
+def _scan_pair() -> bool:
+    """Whether the two-level pass scans a pair of streams in one launch (``GKA_TRITON_SCAN_PAIR``: 1, the default,
+    or 0: a launch per stream)."""
+    env = os.environ.get('GKA_TRITON_SCAN_PAIR', '1')
+    if env not in ('0', '1'):
+        raise ValueError(f'GKA_TRITON_SCAN_PAIR must be 1 (one scan launch for both streams) or 0 (one each), '
+                         f'got {env!r}')
+    return env == '1'
+
+
 def _launch_two_level(a, streams, g, chunk_size, reverse, scale, want_final, prec, mix=None):
     """``_launch`` in two levels: the chunks' increments in one parallel launch, written where their states go, then
     the serial recurrence in place (``scan_increments``), whose step is one multiply-add per element instead of a
@@ -284,11 +294,11 @@ def _launch_two_level(a, streams, g, chunk_size, reverse, scale, want_final, pre
     pair = len(streams) == 2
     (x, init), (x2, init2) = streams[0], streams[-1]
     DX = x.shape[-1]
-    # GKA_TRITON_SCAN_PAIR=1 (opt-in until a GPU test has run it): both streams' scans in one launch when their
-    # states have one shape. The scan is serial over chunks and latency-bound, so two launches take about twice
-    # one's time: 0.93x / 0.92x the forward at B4 T16384 / B1 T65536 on an H100, but gka_small's inference at
-    # 2048 px unchanged (1.00x; KERNEL_NOTES.md v26)
-    joint = pair and x2.shape[-1] == DX and os.environ.get('GKA_TRITON_SCAN_PAIR', '0') == '1'
+    # Both streams' scans in one launch when their states have one shape (GKA_TRITON_SCAN_PAIR=0: one launch
+    # each). With few b·h the scan is serial over chunks and latency-bound, so two launches take about twice one's
+    # time: 0.93x / 0.92x the forward at B4 T16384 / B1 T65536 on an H100; gka_small at 2048 px (48 b·h, 256
+    # chunks) moves the increments at about the memory bandwidth already and gained nothing (KERNEL_NOTES.md v26-v27)
+    joint = pair and x2.shape[-1] == DX and _scan_pair()
     if joint:
         both = torch.empty(2, B * H, NC, DA, DX, device=a.device, dtype=f32)
         incs = [both[0], both[1]]
@@ -373,17 +383,27 @@ def scan_increments(inc: torch.Tensor, last: torch.Tensor, init: Optional[torch.
     block = min(size, block or 1024)
     _scan_increments_kernel[(BH, size // block)](
         inc, last.contiguous(), init if init is not None else inc, out, final, NC, NL,
-        SIZE=size, BLOCK=block, HAS_INIT=init is not None, REVERSE=reverse, STAGES=_scan_stages(), num_warps=4)
+        SIZE=size, BLOCK=block, HAS_INIT=init is not None, REVERSE=reverse, STAGES=_scan_stages(NC), num_warps=4)
     return out, final
 
 
-def _scan_stages() -> int:
-    """Software-pipeline depth of the scan's loop (``GKA_TRITON_SCAN_STAGES``, default 4; 1: the plain loop). Its
-    step is one load, one multiply-add and one store per element; unpipelined, each step waits for its load (~1.2 µs
-    per step on the H100), while the increments of later steps do not depend on the carry. The sm_90 compile puts
-    the loads on cp.async from 2 stages; 4 stages took 0.965x / 0.926x the fwd+bwd time at B4 T16384 / B1 T65536 on
-    the H200, the same at B256 T196 and B16 T4096, and the two-level pass needs it (KERNEL_NOTES.md v26)."""
-    stages = int(os.environ.get('GKA_TRITON_SCAN_STAGES', '4'))
+# The scan's pipeline depth by chain length, measured interleaved on an H100 (KERNEL_NOTES.md v27): 8 stages took
+# 0.891x / 0.973x the fwd+bwd time of 4 at B1 T65536 / B4 T16384 (4,096 / 1,024 chunks in the backward's scan),
+# 0.998x at B16 T4096 (256) and 1.008x at B256 T196 (13 chunks: a deeper prologue than the loop)
+DEEP_SCAN_MIN_CHUNKS = 64
+
+
+def _scan_stages(NC: int) -> int:
+    """Software-pipeline depth of the scan's loop over NC chunks (``GKA_TRITON_SCAN_STAGES`` sets it; default 8
+    from ``DEEP_SCAN_MIN_CHUNKS`` chunks, 4 below; 1: the plain loop). Its step is one load, one multiply-add and one
+    store per element; unpipelined, each step waits for its load (~1.2 µs per step on the H100), while the
+    increments of later steps do not depend on the carry. The sm_90 compile puts the loads on cp.async from 2
+    stages; 4 stages took 0.965x / 0.926x the fwd+bwd time of 1 at B4 T16384 / B1 T65536 on the H200, the same at
+    B256 T196 and B16 T4096, and the two-level pass needs it (KERNEL_NOTES.md v26)."""
+    env = os.environ.get('GKA_TRITON_SCAN_STAGES')
+    if env is None:
+        return 8 if NC >= DEEP_SCAN_MIN_CHUNKS else 4
+    stages = int(env)
     if stages < 1:
         raise ValueError(f'GKA_TRITON_SCAN_STAGES must be a positive integer, got {stages}')
     return stages
