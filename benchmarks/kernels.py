@@ -83,6 +83,16 @@ def time_sdpa(B, T, H, D, mode: str) -> float:
     return _bench(step)
 
 
+def _fla_version() -> Optional[str]:
+    """fla's version where it is importable (the GPU image lacks it; benchmarks/gpu_suite.sh says how to carry it)."""
+    try:
+        from importlib.metadata import version
+        import fla  # noqa: F401
+        return version('fla-core')
+    except Exception:
+        return None
+
+
 def time_fla(B, T, H, D, mode: str) -> Optional[float]:
     try:
         from fla.ops.simple_gla import chunk_simple_gla
@@ -256,12 +266,13 @@ def _fmt(x, nd=3):
 
 def markdown(rows: List[Dict]) -> str:
     head = ('| shape | gka fwd ms | gka fwd+bwd ms | SDPA fwd ms | SDPA fwd+bwd ms | fla GLA fwd ms | '
-            'fwd ratio | fwd+bwd ratio | target | met |')
-    lines = [head, '|' + '---|' * 10]
+            'fla GLA fwd+bwd ms | fwd ratio | fwd+bwd ratio | target | met |')
+    lines = [head, '|' + '---|' * 11]
     for r in rows:
         lines.append('| ' + ' | '.join([
             r['shape'], _fmt(r.get('gka_fwd_ms')), _fmt(r.get('gka_fwdbwd_ms')), _fmt(r.get('sdpa_fwd_ms')),
-            _fmt(r.get('sdpa_fwdbwd_ms')), _fmt(r.get('fla_simple_gla_fwd_ms')), _fmt(r.get('ratio_fwd'), 2),
+            _fmt(r.get('sdpa_fwdbwd_ms')), _fmt(r.get('fla_simple_gla_fwd_ms')),
+            _fmt(r.get('fla_simple_gla_fwdbwd_ms')), _fmt(r.get('ratio_fwd'), 2),
             _fmt(r.get('ratio_fwdbwd'), 2), r.get('target', ''),
             {True: 'yes', False: 'no', None: ''}[r.get('target_met')]]) + ' |')
     return '\n'.join(lines)
@@ -279,7 +290,8 @@ def plot(rows: List[Dict], path: str):
         Ts = [r['T'] for r in sweep]
         for key, label, style in (('gka_fwd_ms', 'GKA fwd', 'o-'), ('gka_fwdbwd_ms', 'GKA fwd+bwd', 's-'),
                                   ('sdpa_fwd_ms', 'SDPA fwd', 'o--'), ('sdpa_fwdbwd_ms', 'SDPA fwd+bwd', 's--'),
-                                  ('fla_simple_gla_fwd_ms', 'fla simple GLA fwd', '^:')):
+                                  ('fla_simple_gla_fwd_ms', 'fla simple GLA fwd', '^:'),
+                                  ('fla_simple_gla_fwdbwd_ms', 'fla simple GLA fwd+bwd', 'v:')):
             pts = [(t, r.get(key)) for t, r in zip(Ts, sweep) if r.get(key)]
             if pts:
                 ax.plot(*zip(*pts), style, label=label)
@@ -336,7 +348,8 @@ def main(argv=None):
             rows.append(r)
     from provenance import provenance
     info = dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
-                triton=__import__('triton').__version__, seconds=round(time.time() - t0, 1), **provenance())
+                triton=__import__('triton').__version__, fla=_fla_version(), seconds=round(time.time() - t0, 1),
+                **provenance())
     with open(os.path.join(args.out, 'kernels.json'), 'w') as fh:
         json.dump(dict(info=info, rows=rows), fh, indent=1)
     md = markdown(rows)
