@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything the GPU machine has to check and time (the device lease is short).
 #   bash benchmarks/gpu_suite.sh [stage ...]     stages: setup tests kernels itersplit schedule ab models modelprofile
-#                                               compiled fusedglue statecap v26 v27 v28 profile2048 lm
+#                                               compiled fusedglue statecap v26 v27 profile2048 lm
 #                                               demo
 #                                               (default: setup tests kernels models lm)
 # One device call may run 10 minutes, so run the stages in a few calls, each starting with setup. Measured stage
@@ -89,14 +89,6 @@ for s in "${stages[@]}"; do
              run_stage v27_models 150 python3 benchmarks/ab.py --out "$OUT/v27_models" --rounds 3 \
                --variants default SCAN_PAIR=0 SCAN_STAGES=8 --shapes \
                --models gka_small --sizes 1024 2048 --modes infer ;;
-    v28)     # the grouped state passes (GKA_TRITON_STATE_SCAN=3, groups of GKA_TRITON_STATE_GROUP chunks) against the
-             # default (one level below 64 chunks, two levels from 64), interleaved: kernels, then gka_small
-             run_stage v28_kernels 240 python3 benchmarks/ab.py --out "$OUT/v28_kernels" --rounds 3 \
-               --variants default STATE_SCAN=3 STATE_SCAN=3,STATE_GROUP=4 STATE_SCAN=3,STATE_GROUP=16 \
-               --shapes 256,196,6,64 16,4096,6,64 4,16384,6,64 1,65536,6,64 4,4096,16,128
-             run_stage v28_models 240 python3 benchmarks/ab.py --out "$OUT/v28_models" --rounds 3 \
-               --variants default STATE_SCAN=3 STATE_SCAN=3,STATE_GROUP=4 --shapes \
-               --models gka_small --sizes 224 1024 2048 --modes infer train ;;
     profile2048)  # where gka_small's inference time goes at 2048 px (the state passes' share grows with length)
              run_stage profile2048 90 python3 benchmarks/models.py --out "$OUT/profile2048" --profile gka_small \
                --img-size 2048 --modes infer ;;

@@ -49,9 +49,8 @@ def compile_counts(kernel, const: dict, num_warps: int, fp32_ptrs=()) -> dict:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     p.add_argument('--kernel', choices=['solve', 'bwd', 'both', 'states'], default='both',
-                   help='states: the forward state pass, alone and as the Gram + KV pair (GKA_TRITON_STATE_PAIR), '
-                        'the parallel level of the two-level pass (GKA_TRITON_STATE_SCAN=2) and the grouped pass\'s '
-                        'two launches (GKA_TRITON_STATE_SCAN=3)')
+                   help='states: the forward state pass, alone and as the Gram + KV pair (GKA_TRITON_STATE_PAIR), and '
+                        'the parallel level of the two-level pass (GKA_TRITON_STATE_SCAN=2)')
     p.add_argument('--mode', type=int, default=5)
     p.add_argument('--chunk', type=int, default=64, help='forward chunk (the fused backward always tiles 16)')
     p.add_argument('--dim', type=int, default=64)
@@ -85,13 +84,6 @@ def main(argv=None):
                          X_EXACT=True, PAIR=pair, MIX=False)
             res = compile_counts(_chunk_increments_kernel, const, 4)
             print(f'increments     D={args.dim} C={args.chunk} PAIR={pair} warps=4: {res}')
-            tile = min(args.dim, 64)
-            for store in (False, True):   # the grouped pass's two launches (GKA_TRITON_STATE_SCAN=3)
-                const = dict(DA=args.dim, DX=args.dim, DX2=args.dim, C=args.chunk, BA=tile, BX=tile,
-                             HAS_INIT=store, STORE_FINAL=not store, REVERSE=False, PREC='bf16x3', X_EXACT=True,
-                             PAIR=pair, MIX=False, GROUP=8, STORE_STATES=store)
-                res = compile_counts(_chunk_states_kernel, const, 4)
-                print(f'grouped {"states" if store else "sums  "} D={args.dim} C={args.chunk} PAIR={pair} warps=4: {res}')
     if args.kernel in ('bwd', 'both'):
         warps = args.warps or _num_warps(args.dim, 16)
         for sr in (1, 2, 4):   # sub-chunks per recomputed state chunk (config.backward_state_chunk): 16, 32, 64

@@ -99,12 +99,9 @@ def test_initial_state_and_ragged_tail_bf16():
                                  {'GKA_TRITON_STATE_PAIR': '0'}, {'GKA_TRITON_STATE_SCAN': '2'},
                                  {'GKA_TRITON_STATE_SCAN': '2', 'GKA_TRITON_SCAN_PAIR': '0'},
                                  {'GKA_TRITON_STATE_SCAN': '1', 'GKA_TRITON_SCAN_STAGES': '1'},
-                                 {'GKA_TRITON_MIX_QT': '0'},
-                                 {'GKA_TRITON_STATE_SCAN': '3', 'GKA_TRITON_STATE_GROUP': '2'},
-                                 {'GKA_TRITON_STATE_SCAN': '3'}],
+                                 {'GKA_TRITON_MIX_QT': '0'}],
                          ids=['padded-no-fast', 'h16x2', 'bf16x3', 'bf16-fast10', 'two-state-launches',
-                              'two-level-states', 'two-level-two-scans', 'one-level-unpipelined', 'qt-in-torch',
-                              'grouped-2', 'grouped-8'])
+                              'two-level-states', 'two-level-two-scans', 'one-level-unpipelined', 'qt-in-torch'])
 @pytest.mark.parametrize('shape', [(4, 196, 6, 64), (1, 2048, 4, 128)], ids=['vision', 'lm'])
 def test_other_schedules_vs_float64_oracle(shape, env, monkeypatch):
     """The schedules a benchmark can switch to hold the bf16 bounds too (KERNEL_NOTES.md v8-v10): the padded last
@@ -113,8 +110,7 @@ def test_other_schedules_vs_float64_oracle(shape, env, monkeypatch):
     single-pass bf16 leading steps, the Gram and KV state passes as two launches (the default before v11), the
     two-level state passes at every length (the default from 64 chunks since v26; both streams in one scan launch
     since v27), also with a scan launch per stream (GKA_TRITON_SCAN_PAIR=0), the one-level passes with the
-    unpipelined scan (the default before v26), q̃ built in torch for the backward's reverse pass (before v25), and
-    the grouped state passes (GKA_TRITON_STATE_SCAN=3, v28) with groups of 2 and 8 chunks.
+    unpipelined scan (the default before v26), and q̃ built in torch for the backward's reverse pass (before v25).
     Triton 3.6 on Hopper has miscompiled kernels the interpreter passes, so only this run proves a schedule."""
     for key, val in env.items():
         monkeypatch.setenv(key, val)

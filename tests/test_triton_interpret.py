@@ -358,9 +358,7 @@ def test_two_level_state_pass_matches_serial(monkeypatch):
     shape, the default, or one launch per stream with GKA_TRITON_SCAN_PAIR=0, bit for bit the same). The same
     states and final states as the one-level pass to fp32 rounding: forward and reverse, one stream and the Gram +
     KV pair, with and without initial states, DV ≠ D, a ragged tail, the in-kernel q̃ mix; and the same outputs and
-    gradients through the whole operator. The grouped pass (GKA_TRITON_STATE_SCAN=3: each group's increment, the
-    scan over groups, each group again from its entry state) is held to the same, with groups of 2 chunks (a
-    ragged last group), 4 and more chunks than the pass has."""
+    gradients through the whole operator."""
     from gka_kernels.triton.state_pass import chunk_states, gram_and_kv_states
 
     def rel(a, b):
@@ -373,54 +371,45 @@ def test_two_level_state_pass_matches_serial(monkeypatch):
         h0, u0 = _states(2, 2, D, DV, torch.float32) if init else (None, None)
         du = torch.randn(2, 2, D, DV) if init else None
         runs = {}
-        for scan, joint, group in (('1', '0', '8'), ('2', '0', '8'), ('2', '1', '8'), ('3', '1', '2'),
-                                   ('3', '0', '2'), ('3', '1', '4'), ('3', '1', '8')):
+        for scan, joint in (('1', '0'), ('2', '0'), ('2', '1')):
             monkeypatch.setenv('GKA_TRITON_STATE_SCAN', scan)
             monkeypatch.setenv('GKA_TRITON_SCAN_PAIR', joint)
-            monkeypatch.setenv('GKA_TRITON_STATE_GROUP', group)
-            key = scan + joint + (group if scan == '3' else '')
-            runs[key] = gram_and_kv_states(k, v, g, h0, u0, 16) + (
+            runs[scan + joint] = gram_and_kv_states(k, v, g, h0, u0, 16) + (
                 chunk_states(q, v, g, du, 16, reverse=True, scale=0.7, mix=(x, a)),
                 chunk_states(k, v, g, u0, 16, want_final=False))
-        for variant in ('20', '21', '312', '302', '314', '318'):
+        for variant in ('20', '21'):
             for i, ((s1, f1), (s2, f2)) in enumerate(zip(runs['10'], runs[variant])):
                 case = (variant, D, DV, dtype, init, i)
                 assert rel(s2, s1) < 1e-6, case + (rel(s2, s1),)
                 assert (f1 is None) == (f2 is None) and (f1 is None or rel(f2, f1) < 1e-6), case
         for (s1, f1), (s2, f2) in zip(runs['20'], runs['21']):   # the same arithmetic per element, one launch
             assert torch.equal(s1, s2) and (f1 is None or torch.equal(f1, f2)), (D, DV, dtype, init)
-    for name in ('GKA_TRITON_STATE_SCAN', 'GKA_TRITON_SCAN_PAIR', 'GKA_TRITON_STATE_GROUP'):
-        monkeypatch.delenv(name)
-    for env, got, whole in _chained_runs(16, [{'GKA_TRITON_STATE_SCAN': '2'},
-                                             {'GKA_TRITON_STATE_SCAN': '3', 'GKA_TRITON_STATE_GROUP': '2'}]):
+    monkeypatch.delenv('GKA_TRITON_STATE_SCAN')
+    monkeypatch.delenv('GKA_TRITON_SCAN_PAIR')
+    for env, got, whole in _chained_runs(16, [{'GKA_TRITON_STATE_SCAN': '2'}]):
         for name, a_, b_ in zip(_CHAINED, got, whole):
             assert rel(a_, b_) < 1e-5, f'{env} {name}: rel. error {rel(a_, b_):.2e}'
 
 
 @pytest.mark.skipif(not HAVE_TRITON, reason='the state pass module needs triton')
-def test_state_levels_rule(monkeypatch):
+def test_two_level_rule(monkeypatch):
     """The two-level pass runs from TWO_LEVEL_MIN_CHUNKS chunks on, for states of up to TWO_LEVEL_MAX_STATE
-    elements, one level otherwise (always for an empty pass); GKA_TRITON_STATE_SCAN forces one level (1), two (2)
-    or the grouped pass (3), and any other value is refused with the variable's name, as is a group below 1 chunk."""
-    from gka_kernels.triton.state_pass import TWO_LEVEL_MAX_STATE, TWO_LEVEL_MIN_CHUNKS, _state_group, _state_levels
+    elements (never for an empty pass); GKA_TRITON_STATE_SCAN forces one level (1) or two (2), and any other value
+    is refused with the variable's name."""
+    from gka_kernels.triton.state_pass import TWO_LEVEL_MAX_STATE, TWO_LEVEL_MIN_CHUNKS, _two_level
     monkeypatch.delenv('GKA_TRITON_STATE_SCAN', raising=False)
     small, large = 32 * 64, 128 * 128
     assert small <= TWO_LEVEL_MAX_STATE < large
-    assert [_state_levels(n, small) for n in (0, 1, TWO_LEVEL_MIN_CHUNKS - 1, TWO_LEVEL_MIN_CHUNKS, 4096)] == [
-        1, 1, 1, 2, 2]
-    assert _state_levels(4096, large) == 1
+    assert [_two_level(n, small) for n in (0, 1, TWO_LEVEL_MIN_CHUNKS - 1, TWO_LEVEL_MIN_CHUNKS, 4096)] == [
+        False, False, False, True, True]
+    assert not _two_level(4096, large)
     monkeypatch.setenv('GKA_TRITON_STATE_SCAN', '1')
-    assert _state_levels(4096, small) == 1
+    assert not _two_level(4096, small)
     monkeypatch.setenv('GKA_TRITON_STATE_SCAN', '2')
-    assert _state_levels(1, large) == 2 and _state_levels(0, small) == 1
-    monkeypatch.setenv('GKA_TRITON_STATE_SCAN', '3')
-    assert _state_levels(1, large) == 3 and _state_levels(0, small) == 1
+    assert _two_level(1, large) and not _two_level(0, small)
     monkeypatch.setenv('GKA_TRITON_STATE_SCAN', 'yes')
     with pytest.raises(ValueError, match='GKA_TRITON_STATE_SCAN'):
-        _state_levels(64, small)
-    monkeypatch.setenv('GKA_TRITON_STATE_GROUP', '0')
-    with pytest.raises(ValueError, match='GKA_TRITON_STATE_GROUP'):
-        _state_group()
+        _two_level(64, small)
 
 
 @pytest.mark.skipif(not HAVE_TRITON, reason='the state pass module needs triton')

@@ -50,43 +50,40 @@ def _load_a(a_base, m_base, al_base, t, tm, ra, s_at, s_mt, s_alt, MIX: tl.const
 
 @triton.jit
 def _states_tile(a_base, x_base, g_base, init_ptr, states_ptr, final_ptr, bh, ia, ix, T, NC, scale, s_at, s_xt, s_gt,
-                 m_base, al_base, s_mt, s_alt, c0, nstep, row,
+                 m_base, al_base, s_mt, s_alt,
                  DA: tl.constexpr, DX: tl.constexpr, C: tl.constexpr, BA: tl.constexpr, BX: tl.constexpr,
                  HAS_INIT: tl.constexpr, STORE_FINAL: tl.constexpr, REVERSE: tl.constexpr, PREC: tl.constexpr,
-                 X_EXACT: tl.constexpr, MIX: tl.constexpr, STORE_STATES: tl.constexpr):
-    """One [BA, BX] tile of one (b, h)'s states, serial over chunks c0 … c0 + nstep − 1 (backwards in reverse),
-    starting from init[row] and ending in final[row]; each chunk's entry state goes to its slot of states when
-    STORE_STATES. MIX: the a-stream is a + α·(m − a)."""
+                 X_EXACT: tl.constexpr, MIX: tl.constexpr):
+    """One [BA, BX] tile of one (b, h)'s states, serial over the chunks. MIX: the a-stream is a + α·(m − a)."""
     ra = ia * BA + tl.arange(0, BA)
     rx = ix * BX + tl.arange(0, BX)
     rc = tl.arange(0, C)
     tile = ra[:, None] * DX + rx[None, :]
     if HAS_INIT:
-        cur = tl.load(init_ptr + row * DA * DX + tile).to(tl.float32)
+        cur = tl.load(init_ptr + bh * DA * DX + tile).to(tl.float32)
     else:
         cur = tl.zeros([BA, BX], dtype=tl.float32)
-    for step in range(nstep):
+    for step in range(NC):
         if REVERSE:
-            c = c0 + nstep - 1 - step
+            c = NC - 1 - step
         else:
-            c = c0 + step
+            c = step
         t = c * C + rc
         tm = t < T
         gl = tl.load(g_base + t * s_gt, mask=tm, other=0.0).to(tl.float32)
         A = _load_a(a_base, m_base, al_base, t, tm, ra, s_at, s_mt, s_alt, MIX)
         X = tl.load(x_base + t[:, None] * s_xt + rx[None, :], mask=tm[:, None], other=0.0).to(tl.float32)
-        if STORE_STATES:
-            tl.store(states_ptr + (bh * NC + c) * DA * DX + tile, cur)
+        tl.store(states_ptr + (bh * NC + c) * DA * DX + tile, cur)
         cur = _chunk_update(cur, A, X, gl, scale, REVERSE, PREC, X_EXACT)
     if STORE_FINAL:
-        tl.store(final_ptr + row * DA * DX + tile, cur)
+        tl.store(final_ptr + bh * DA * DX + tile, cur)
 
 
 @triton.jit
 def _chunk_states_kernel(
         a_ptr, x_ptr, g_ptr, init_ptr, states_ptr, final_ptr,
         x2_ptr, init2_ptr, states2_ptr, final2_ptr, m_ptr, al_ptr,
-        T, H, NC, NG, scale,
+        T, H, NC, scale,
         s_ab, s_at, s_ah,
         s_mb, s_mt, s_mh,
         s_alb, s_alt, s_alh,
@@ -96,24 +93,13 @@ def _chunk_states_kernel(
         DA: tl.constexpr, DX: tl.constexpr, DX2: tl.constexpr, C: tl.constexpr, BA: tl.constexpr,
         BX: tl.constexpr, HAS_INIT: tl.constexpr, STORE_FINAL: tl.constexpr, REVERSE: tl.constexpr,
         PREC: tl.constexpr, X_EXACT: tl.constexpr, PAIR: tl.constexpr, MIX: tl.constexpr,
-        GROUP: tl.constexpr = 0, STORE_STATES: tl.constexpr = True,
 ):
     """PAIR: the grid's last axis also covers a second stream x2 (same a and decays) with its own states, so the
     forward's Gram and KV passes run in one launch (programs ix ≥ DX / BX take x2). MIX: the a-stream mixed with
-    m by the per-token weights al (``_states_tile``). GROUP > 0: the first axis is (b·h, group of GROUP chunks),
-    NG groups per b·h, and each program runs its group alone, from init[b·h, group] to final[b·h, group]
-    (``_launch_grouped``); GROUP = 0: one program runs all NC chunks of its b·h."""
-    pid = tl.program_id(0).to(tl.int64)   # on the axis without the 65,535 limit
+    m by the per-token weights al (``_states_tile``)."""
+    bh = tl.program_id(0).to(tl.int64)   # b·h on the axis without the 65,535 limit
     ia = tl.program_id(1)
     ix = tl.program_id(2)
-    if GROUP > 0:
-        bh = pid // NG
-        c0 = ((pid % NG) * GROUP).to(tl.int32)   # the branches must agree on the types
-        nstep = tl.minimum(NC - c0, GROUP)
-    else:
-        bh = pid
-        c0 = 0
-        nstep = NC
     b = bh // H
     h = bh % H
     a_base = a_ptr + b * s_ab + h * s_ah
@@ -123,16 +109,16 @@ def _chunk_states_kernel(
     if PAIR:
         if ix >= DX // BX:
             _states_tile(a_base, x2_ptr + b * s_x2b + h * s_x2h, g_base, init2_ptr, states2_ptr, final2_ptr, bh, ia,
-                         ix - DX // BX, T, NC, scale, s_at, s_x2t, s_gt, m_base, al_base, s_mt, s_alt, c0, nstep,
-                         pid, DA, DX2, C, BA, BX, HAS_INIT, STORE_FINAL, REVERSE, PREC, X_EXACT, MIX, STORE_STATES)
+                         ix - DX // BX, T, NC, scale, s_at, s_x2t, s_gt, m_base, al_base, s_mt, s_alt, DA, DX2, C,
+                         BA, BX, HAS_INIT, STORE_FINAL, REVERSE, PREC, X_EXACT, MIX)
         else:
             _states_tile(a_base, x_ptr + b * s_xb + h * s_xh, g_base, init_ptr, states_ptr, final_ptr, bh, ia, ix,
-                         T, NC, scale, s_at, s_xt, s_gt, m_base, al_base, s_mt, s_alt, c0, nstep, pid, DA, DX, C,
-                         BA, BX, HAS_INIT, STORE_FINAL, REVERSE, PREC, X_EXACT, MIX, STORE_STATES)
+                         T, NC, scale, s_at, s_xt, s_gt, m_base, al_base, s_mt, s_alt, DA, DX, C, BA, BX, HAS_INIT,
+                         STORE_FINAL, REVERSE, PREC, X_EXACT, MIX)
     else:
         _states_tile(a_base, x_ptr + b * s_xb + h * s_xh, g_base, init_ptr, states_ptr, final_ptr, bh, ia, ix,
-                     T, NC, scale, s_at, s_xt, s_gt, m_base, al_base, s_mt, s_alt, c0, nstep, pid, DA, DX, C, BA,
-                     BX, HAS_INIT, STORE_FINAL, REVERSE, PREC, X_EXACT, MIX, STORE_STATES)
+                     T, NC, scale, s_at, s_xt, s_gt, m_base, al_base, s_mt, s_alt, DA, DX, C, BA, BX, HAS_INIT,
+                     STORE_FINAL, REVERSE, PREC, X_EXACT, MIX)
 
 
 def _tile(d: int, bh: int) -> int:
@@ -191,39 +177,25 @@ TWO_LEVEL_MIN_CHUNKS = 64
 TWO_LEVEL_MAX_STATE = 64 * 64
 
 
-def _state_levels(NC: int, state_size: int) -> int:
-    """How a pass over NC chunks of [DA, DX] states (state_size = DA·DX) runs: 1 (one level: a program per state
-    tile serial over all chunks), 2 (``_launch_two_level``) or 3 (``_launch_grouped``). ``GKA_TRITON_STATE_SCAN``
-    forces one of them; unset: two levels from ``TWO_LEVEL_MIN_CHUNKS`` chunks of states up to
-    ``TWO_LEVEL_MAX_STATE`` elements, one level otherwise (and for an empty pass)."""
+def _two_level(NC: int, state_size: int) -> bool:
+    """Whether a pass over NC chunks of [DA, DX] states (state_size = DA·DX) runs in two levels
+    (``GKA_TRITON_STATE_SCAN``: 1 never, 2 always, unset: from ``TWO_LEVEL_MIN_CHUNKS`` chunks of states up to
+    ``TWO_LEVEL_MAX_STATE`` elements)."""
     env = os.environ.get('GKA_TRITON_STATE_SCAN', '')
-    if env not in ('', '1', '2', '3'):
-        raise ValueError(f'GKA_TRITON_STATE_SCAN must be 1 (one level), 2 (two levels) or 3 (grouped), got {env!r}')
+    if env not in ('', '1', '2'):
+        raise ValueError(f'GKA_TRITON_STATE_SCAN must be 1 (one level) or 2 (two levels), got {env!r}')
     if NC == 0:
-        return 1
-    if env:
-        return int(env)
-    return 2 if NC >= TWO_LEVEL_MIN_CHUNKS and state_size <= TWO_LEVEL_MAX_STATE else 1
-
-
-def _state_group() -> int:
-    """Chunks per group of the grouped pass (``GKA_TRITON_STATE_GROUP``, default 8)."""
-    G = int(os.environ.get('GKA_TRITON_STATE_GROUP', '8'))
-    if G < 1:
-        raise ValueError(f'GKA_TRITON_STATE_GROUP must be a positive number of chunks, got {G}')
-    return G
+        return False
+    return env == '2' or (env == '' and NC >= TWO_LEVEL_MIN_CHUNKS and state_size <= TWO_LEVEL_MAX_STATE)
 
 
 def _launch(a, streams, g, chunk_size, reverse, scale, want_final, prec, mix=None):
     """One launch of the state pass over one or two (x, init) streams sharing a and g (a mixed as ``chunk_states``
-    says when mix is given), or the two-level / grouped forms where ``_state_levels`` says so."""
+    says when mix is given), in two levels (``_launch_two_level``) where ``_two_level`` says so."""
     B, T, H, DA = a.shape
     NC = triton.cdiv(T, chunk_size)
-    levels = _state_levels(NC, DA * max(x.shape[-1] for x, _ in streams))
-    if levels == 2:
+    if _two_level(NC, DA * max(x.shape[-1] for x, _ in streams)):
         return _launch_two_level(a, streams, g, chunk_size, reverse, scale, want_final, prec, mix)
-    if levels == 3:
-        return _launch_grouped(a, streams, g, chunk_size, reverse, scale, want_final, prec, mix)
     outs, inits = [], []
     for x, init in streams:
         DX = x.shape[-1]
@@ -240,67 +212,13 @@ def _launch(a, streams, g, chunk_size, reverse, scale, want_final, prec, mix=Non
     m, al = mix if mix is not None else (a, g)   # placeholders when not mixing (MIX=False reads neither)
     _chunk_states_kernel[(B * H, DA // BA, nx)](
         a, x, g, inits[0], states, final, x2, inits[-1], states2, final2, m, al,
-        T, H, NC, 1, float(scale), *_strides(a, m, al, x, x2, g),
+        T, H, NC, float(scale), *_strides(a, m, al, x, x2, g),
         DA=DA, DX=x.shape[-1], DX2=x2.shape[-1], C=chunk_size, BA=BA, BX=BX,
         HAS_INIT=init is not None, STORE_FINAL=want_final, REVERSE=reverse, PREC=prec,
         X_EXACT=x.dtype == torch.bfloat16, PAIR=pair, MIX=mix is not None,
         num_warps=4,
     )
     return [(st, fi if want_final else None) for st, fi in outs]
-
-
-def _group_decays(g: torch.Tensor, chunk_size: int, G: int, NG: int) -> torch.Tensor:
-    """exp(Σ g) over each group of G chunks, [B·H, NG] fp32 (the padded tail's log-decays are 0)."""
-    B, T, H = g.shape
-    gs = torch.nn.functional.pad(g.to(torch.float32), (0, 0, 0, NG * G * chunk_size - T))
-    return gs.view(B, NG, G * chunk_size, H).sum(2).transpose(1, 2).reshape(B * H, NG).exp()
-
-
-def _launch_grouped(a, streams, g, chunk_size, reverse, scale, want_final, prec, mix=None):
-    """``_launch`` in three steps over groups of G chunks (``_state_group``): each group's own increment (the
-    one-level loop over its G chunks from a zero state, storing nothing but its end), the serial recurrence over
-    the groups (``scan_increments``, in place, on 1/G of the states' bytes), then each group again from its entry
-    state, storing its chunks' states. Against two levels it computes every chunk's update twice but writes the
-    states once instead of writing, reading and rewriting them; against one level its serial chains are G and NC/G
-    long instead of NC. Same results up to the order of fp32 rounding."""
-    B, T, H, DA = a.shape
-    NC = triton.cdiv(T, chunk_size)   # T > 0: _state_levels gives 1 otherwise
-    G = _state_group()
-    NG = triton.cdiv(NC, G)
-    f32 = torch.float32
-    pair = len(streams) == 2
-    (x, init), (x2, init2) = streams[0], streams[-1]
-    DX, DX2 = x.shape[-1], x2.shape[-1]
-    joint = pair and DX2 == DX and _scan_pair()
-    if joint:
-        both = torch.empty(2, B * H, NG, DA, DX, device=a.device, dtype=f32)
-        incs = [both[0], both[1]]
-    else:
-        incs = [torch.empty(B * H, NG, DA, xs.shape[-1], device=a.device, dtype=f32) for xs, _ in streams]
-    states = [torch.empty(B * H, NC, DA, xs.shape[-1], device=a.device, dtype=f32) for xs, _ in streams]
-    # whole 64-wide tiles: the groups give the parallelism that the one-level pass needs small tiles for
-    BA = min(DA, 64)
-    BX = min(DX, DX2, 64)
-    nx = DX // BX + (DX2 // BX if pair else 0)
-    m, al = mix if mix is not None else (a, g)   # placeholders when not mixing (MIX=False reads neither)
-    common = dict(DA=DA, DX=DX, DX2=DX2, C=chunk_size, BA=BA, BX=BX, REVERSE=reverse, PREC=prec,
-                  X_EXACT=x.dtype == torch.bfloat16, PAIR=pair, MIX=mix is not None, GROUP=G, num_warps=4)
-    args = (T, H, NC, NG, float(scale), *_strides(a, m, al, x, x2, g))
-    grid = (B * H * NG, DA // BA, nx)
-    _chunk_states_kernel[grid](a, x, g, incs[0], incs[0], incs[0], x2, incs[-1], incs[-1], incs[-1], m, al, *args,
-                               HAS_INIT=False, STORE_FINAL=True, STORE_STATES=False, **common)
-    last = _group_decays(g, chunk_size, G, NG)
-    if joint:   # the pair path gives both initial states or neither
-        inits = torch.stack([i.to(f32).reshape(B * H, DA, DX) for i in (init, init2)]) if init is not None else None
-        flat = both.view(2 * B * H, NG, DA, DX)
-        _, fin = scan_increments(flat, last, inits, reverse, out=flat, block=_scan_block(B * H, DA * DX))
-        finals = list(fin.view(2, B * H, DA, DX))
-    else:
-        finals = [scan_increments(inc, last, ini, reverse, out=inc, block=_scan_block(B * H, DA * inc.shape[-1]))[1]
-                  for inc, (_, ini) in zip(incs, streams)]
-    _chunk_states_kernel[grid](a, x, g, incs[0], states[0], incs[0], x2, incs[-1], states[-1], incs[-1], m, al,
-                               *args, HAS_INIT=True, STORE_FINAL=False, STORE_STATES=True, **common)
-    return [(st, fi if want_final else None) for st, fi in zip(states, finals)]
 
 
 @triton.jit
@@ -371,7 +289,7 @@ def _launch_two_level(a, streams, g, chunk_size, reverse, scale, want_final, pre
     the serial recurrence in place (``scan_increments``), whose step is one multiply-add per element instead of a
     chunk's loads and products. Same results up to the order of fp32 rounding."""
     B, T, H, DA = a.shape
-    NC = triton.cdiv(T, chunk_size)   # T > 0: _state_levels gives 1 otherwise
+    NC = triton.cdiv(T, chunk_size)   # T > 0: _two_level is False otherwise
     f32 = torch.float32
     pair = len(streams) == 2
     (x, init), (x2, init2) = streams[0], streams[-1]
