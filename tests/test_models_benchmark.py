@@ -110,3 +110,21 @@ def test_kernels_iteration_split_separates_step_cost_from_fixed_cost():
     assert out['bwd_over_fwd_per_step'] == pytest.approx(2.0)
     # forward step: 2 · (2·64² + 4·64·64) FLOP per token-head, 1000 token-heads, in 0.05 ms
     assert out['fwd_step_tflops'] == pytest.approx(2 * (2 * 64 * 64 + 4 * 64 * 64) * 1000 / 0.05e-3 / 1e12)
+
+
+def test_kernels_table_has_fla_columns_and_blanks_what_was_not_measured():
+    """benchmarks/kernels.py's markdown: every row has one cell per header column; fla's fwd and fwd+bwd times are
+    their own columns (kernels.py records both where fla is installed), and a time that was not measured (fla
+    missing, an OOM) reads '-'."""
+    kb = _kernels_bench()
+    rows = [dict(shape='B1 T2 H3 D64', gka_fwd_ms=1.5, gka_fwdbwd_ms=5.0, sdpa_fwd_ms=0.1, sdpa_fwdbwd_ms=0.4,
+                 fla_simple_gla_fwd_ms=0.16, fla_simple_gla_fwdbwd_ms=1.34, ratio_fwd=15.0, ratio_fwdbwd=12.5,
+                 target='fwd+bwd / sdpa fwd+bwd <= 3.9', target_met=False),
+            dict(shape='B1 T4 H3 D64', gka_fwd_ms=2.0, gka_fwdbwd_ms=None, sdpa_fwd_ms=0.2, sdpa_fwdbwd_ms=0.5)]
+    lines = kb.markdown(rows).splitlines()
+    head = [c.strip() for c in lines[0].strip('|').split('|')]
+    assert head[5:7] == ['fla GLA fwd ms', 'fla GLA fwd+bwd ms']
+    cells = [[c.strip() for c in line.strip('|').split('|')] for line in lines[2:]]
+    assert all(len(c) == len(head) for c in cells) and len(lines[1].strip('|').split('|')) == len(head)
+    assert cells[0][5:7] == ['0.160', '1.340'] and cells[0][-1] == 'no'
+    assert cells[1][2] == '-' and cells[1][5:7] == ['-', '-'] and cells[1][-1] == ''
