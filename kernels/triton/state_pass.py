@@ -296,8 +296,9 @@ def _launch_two_level(a, streams, g, chunk_size, reverse, scale, want_final, pre
     DX = x.shape[-1]
     # Both streams' scans in one launch when their states have one shape (GKA_TRITON_SCAN_PAIR=0: one launch
     # each). With few b·h the scan is serial over chunks and latency-bound, so two launches take about twice one's
-    # time: 0.93x / 0.92x the forward at B4 T16384 / B1 T65536 on an H100; gka_small at 2048 px (48 b·h, 256
-    # chunks) moves the increments at about the memory bandwidth already and gained nothing (KERNEL_NOTES.md v26-v27)
+    # time: 0.93x / 0.92x the forward at B4 T16384 / B1 T65536 on an H100; gka_small at 2048 px (48 b·h, segments
+    # of ~86 chunks) moves the increments at about the memory bandwidth already and gained nothing (KERNEL_NOTES.md
+    # v26-v27)
     joint = pair and x2.shape[-1] == DX and _scan_pair()
     if joint:
         both = torch.empty(2, B * H, NC, DA, DX, device=a.device, dtype=f32)
@@ -389,7 +390,8 @@ def scan_increments(inc: torch.Tensor, last: torch.Tensor, init: Optional[torch.
 
 # The scan's pipeline depth by chain length, measured interleaved on an H100 (KERNEL_NOTES.md v27): 8 stages took
 # 0.891x / 0.973x the fwd+bwd time of 4 at B1 T65536 / B4 T16384 (4,096 / 1,024 chunks in the backward's scan),
-# 0.998x at B16 T4096 (256) and 1.008x at B256 T196 (13 chunks: a deeper prologue than the loop)
+# 0.998x at B16 T4096 (256) and 1.008x at B256 T196 (13 chunks: a deeper prologue than the loop). 64 lies between
+# the measured 13 and 256, the same bound as the two-level pass's
 DEEP_SCAN_MIN_CHUNKS = 64
 
 
