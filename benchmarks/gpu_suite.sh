@@ -12,11 +12,12 @@
 # and a failing stage does not stop the others; the exit code is the number of failed stages.
 # fla (the kernels table's chunk_simple_gla columns) is not in the GPU image and the machine has no internet: download
 # its wheel here once (`python3 -m pip download --no-deps -d .whl fla-core==0.4.1`; .whl/ is git-ignored locally)
-# and carry .whl; setup installs it into /tmp/fla_site, which later stages and calls put on PYTHONPATH.
+# and carry .whl; setup installs it into /tmp/fla_site, which is on PYTHONPATH for every stage (Python skips the
+# entry while the folder does not exist).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 FLA_SITE=/tmp/fla_site
-[ -d "$FLA_SITE" ] && export PYTHONPATH="$FLA_SITE${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONPATH="$FLA_SITE${PYTHONPATH:+:$PYTHONPATH}"
 OUT=${OUT:-benchmarks/results}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -45,12 +46,12 @@ for s in "${stages[@]}"; do
       if ls .whl/fla_core-*.whl > /dev/null 2>&1 && [ ! -d "$FLA_SITE" ]; then
         run_stage setup_fla 60 python3 -m pip install -q --no-index --no-deps --no-compile --target "$FLA_SITE" \
           .whl/fla_core-*.whl
-        export PYTHONPATH="$FLA_SITE${PYTHONPATH:+:$PYTHONPATH}"
       fi ;;
     tests)   # TESTS_ARGS: more pytest arguments, split on spaces; TESTS_K: a -k expression (it may hold spaces)
              run_stage tests ${TESTS_LIMIT:-420} python3 -m pytest -q -rf -m gpu ${TESTS_ARGS:-} \
                ${TESTS_K:+-k "$TESTS_K"} tests ;;
-    kernels) run_stage kernels ${KERNELS_LIMIT:-420} python3 benchmarks/kernels.py --out "$OUT" ;;  # 180 s without fla, which autotunes per shape
+    kernels) # ~70 s warm; fla autotunes each shape on its first call, so a cold machine with fla takes ~5 min
+             run_stage kernels ${KERNELS_LIMIT:-420} python3 benchmarks/kernels.py --out "$OUT" ;;
     itersplit)  # what one solve step costs in the forward and in the backward (KERNEL_NOTES "What the targets need")
              run_stage itersplit 300 python3 benchmarks/kernels.py --iter-split --out "$OUT" ;;
     models)  # MODELS_BUDGET seconds (default 270) before the sweep stops starting new measurements; MODELS_ARGS: more flags

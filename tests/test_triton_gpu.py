@@ -121,7 +121,7 @@ def test_other_schedules_vs_float64_oracle(shape, env, monkeypatch):
     assert not bad, f'{shape} {env}: {bad}; all: {err}'
 
 
-def test_one_scan_launch_matches_two_bitwise():
+def test_one_scan_launch_matches_two_bitwise(monkeypatch):
     """The two-level state passes scan the Gram and KV streams in one launch by default (GKA_TRITON_SCAN_PAIR=0: a
     launch each). Each element goes through the same multiply-adds either way, so the output, final states and
     every gradient must be equal bit for bit, at a length whose forward (128 chunks of 64) and backward (256 state
@@ -133,14 +133,11 @@ def test_one_scan_launch_matches_two_bitwise():
     do = torch.randn(B, T, H, D, device=DEV, dtype=torch.bfloat16)
     runs = []
     for pair in ('1', '0'):
-        os.environ['GKA_TRITON_SCAN_PAIR'] = pair
-        try:
-            xs = [t.detach().requires_grad_() for t in ins]
-            s0 = [s.detach().requires_grad_() for s in st]
-            o, (hT, uT) = gk.gka_chunk(*xs, initial_state=tuple(s0), output_final_state=True, backend='triton')
-            ((o.float() * do.float()).sum() + hT.sum() * 1e-3 + uT.sum() * 1e-3).backward()
-        finally:
-            del os.environ['GKA_TRITON_SCAN_PAIR']
+        monkeypatch.setenv('GKA_TRITON_SCAN_PAIR', pair)
+        xs = [t.detach().requires_grad_() for t in ins]
+        s0 = [s.detach().requires_grad_() for s in st]
+        o, (hT, uT) = gk.gka_chunk(*xs, initial_state=tuple(s0), output_final_state=True, backend='triton')
+        ((o.float() * do.float()).sum() + hT.sum() * 1e-3 + uT.sum() * 1e-3).backward()
         runs.append([o, hT, uT] + [t.grad for t in xs] + [s.grad for s in s0])
     names = ('o', 'h_kk', 'h_kv', 'dq', 'dk', 'dv', 'dg', 'dalpha', 'dh0', 'du0')
     assert all(torch.isfinite(t).all() for t in runs[0])
