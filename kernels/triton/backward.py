@@ -24,7 +24,7 @@ from ..torch_chunk.gram_backward import gram_backward_inter, gram_backward_intra
 from ..torch_chunk.layout import chunk_decay, from_chunks, to_chunks
 from ..torch_chunk.readout import readout_backward
 from .backward_kernels import _bwd_chunk_kernel, _bwd_inter_kernel
-from .config import backward_chunk_size, backward_state_chunk
+from .config import backward_chunk_size, backward_state_chunk, register_cap
 from .solve import _num_warps, _omegas, acc_precision, chunk_adjoint_solve, dot_mode, solve_schedule
 from .state_pass import chunk_states, gram_and_kv_states, scan_increments
 
@@ -111,7 +111,7 @@ def chunk_backward(q, k, v, g, alpha, h0, u0, x, f, do, dHT, dUT, num_iter, r, s
         _omegas(num_iter, r, q.device), dq, dk, dv, dgam, dal, inc if solve else H0s,
         T, H, NC, NCS, float(r), float(scale), F_MIN,
         D=D, DV=DV, C=C, N=num_iter, MODE=mode, **solve_schedule(mode, num_iter, r),
-        ACC=acc, SR=C_state // C, num_warps=_num_warps(D, C),
+        ACC=acc, SR=C_state // C, num_warps=_num_warps(D, C), **register_cap('bwd'),
     )
     del H0s, U0s, RU
     dH_init = None
