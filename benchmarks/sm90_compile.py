@@ -115,6 +115,8 @@ def main(argv=None):
     p.add_argument('--fast-dot', choices=['fp16', 'lowp'], default='fp16', help='GKA_TRITON_FAST_DOT')
     p.add_argument('--maxnreg', type=int, default=None,
                    help='register cap of the solve and backward kernels (GKA_TRITON_FWD_MAXNREG / _BWD_MAXNREG)')
+    p.add_argument('--late', type=int, choices=[0, 1], default=0,
+                   help='the fused backward reloads after the adjoint solve (GKA_TRITON_BWD_LATE)')
     p.add_argument('--ridge-ratio', type=float, default=0.02)
     p.add_argument('--iters', type=int, default=30)
     args = p.parse_args(argv)
@@ -147,9 +149,10 @@ def main(argv=None):
         for sr in (1, 2, 4):   # sub-chunks per recomputed state chunk (config.backward_state_chunk)
             if C * sr > 64:
                 continue
-            const = dict(common, DV=args.dim, C=C, SR=sr)
+            const = dict(common, DV=args.dim, C=C, SR=sr, LATE=bool(args.late))
             res = compile_counts(_bwd_chunk_kernel, const, warps, fp32_ptrs=('x_ptr',), maxnreg=args.maxnreg)
-            print(f'backward SR={sr} D={args.dim} C={C} MODE={args.mode} FAST={args.fast} warps={warps}: {res}')
+            print(f'backward SR={sr} D={args.dim} C={C} MODE={args.mode} FAST={args.fast} LATE={args.late} '
+                  f'warps={warps}: {res}')
 
 
 if __name__ == '__main__':

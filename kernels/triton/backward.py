@@ -75,6 +75,15 @@ def _recompute(q, k, v, g, alpha, h0, u0, x, do, dHT, dUT, num_iter, scale, C, w
     return _Recomputed(do, qt if want_qt else None, H0s, HT, U0s, UT, RU, dU_init, acc)
 
 
+def late_loads() -> bool:
+    """Whether the fused backward loads what its gradients need after the adjoint solve again after the solve's
+    loop (``GKA_TRITON_BWD_LATE=1``) instead of holding it through the loop (0, the default): KERNEL_NOTES.md v30."""
+    env = os.environ.get('GKA_TRITON_BWD_LATE', '0')
+    if env not in ('0', '1'):
+        raise ValueError(f'GKA_TRITON_BWD_LATE must be 0 or 1, got {env!r}')
+    return env == '1'
+
+
 def chunk_backward(q, k, v, g, alpha, h0, u0, x, f, do, dHT, dUT, num_iter, r, scale, C, dot):
     """Gradients w.r.t. q, k, v, g, alpha, h0, u0 (q/k/v/alpha gradients in their dtypes, the rest fp32; the h0
     gradient None when nothing depends on it).
@@ -111,7 +120,7 @@ def chunk_backward(q, k, v, g, alpha, h0, u0, x, f, do, dHT, dUT, num_iter, r, s
         _omegas(num_iter, r, q.device), dq, dk, dv, dgam, dal, inc if solve else H0s,
         T, H, NC, NCS, float(r), float(scale), F_MIN,
         D=D, DV=DV, C=C, N=num_iter, MODE=mode, **solve_schedule(mode, num_iter, r),
-        ACC=acc, SR=C_state // C, num_warps=_num_warps(D, C), **register_cap('bwd'),
+        ACC=acc, SR=C_state // C, LATE=late_loads(), num_warps=_num_warps(D, C), **register_cap('bwd'),
     )
     del H0s, U0s, RU
     dH_init = None
