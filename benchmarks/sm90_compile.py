@@ -9,7 +9,7 @@ nvdisasm; nothing executes).
     python benchmarks/sm90_compile.py                                   # the default forward and backward kernels
     python benchmarks/sm90_compile.py --kernel solve --mode 6 --chunk 64 --fast 15
     python benchmarks/sm90_compile.py --kernel bwd --mode 6
-    python benchmarks/sm90_compile.py --kernel bwd --mode 6 --maxnreg 168    # three 4-warp programs per SM
+    python benchmarks/sm90_compile.py --kernel bwd --mode 6 --maxnreg 168    # what a register cap spills
 
 MODE numbers as in kernels/triton/solve.py (5 bf16x3, 6 h16x2 with bf16 inputs; FAST steps run MODE 2 after
 MODE 5 and MODE 8 after MODE 6). Triton here may be newer than the GPU machine's, which can lower differently.
@@ -114,9 +114,8 @@ def main(argv=None):
                    help='leading single-pass steps (GKA_TRITON_FAST_ITERS; default: the schedule of the ridge ratio)')
     p.add_argument('--fast-dot', choices=['fp16', 'lowp'], default='fp16', help='GKA_TRITON_FAST_DOT')
     p.add_argument('--maxnreg', type=int, default=None,
-                   help='register cap of the solve and backward kernels (GKA_TRITON_FWD_MAXNREG / _BWD_MAXNREG)')
-    p.add_argument('--late', type=int, choices=[0, 1], default=0,
-                   help='the fused backward reloads after the adjoint solve (GKA_TRITON_BWD_LATE)')
+                   help='ptxas register cap (maxnreg) of the solve and backward kernels; both take 255 uncapped, '
+                        '168 would fit three 4-warp programs per SM (measured slower: KERNEL_NOTES.md v29)')
     p.add_argument('--ridge-ratio', type=float, default=0.02)
     p.add_argument('--iters', type=int, default=30)
     args = p.parse_args(argv)
@@ -149,10 +148,9 @@ def main(argv=None):
         for sr in (1, 2, 4):   # sub-chunks per recomputed state chunk (config.backward_state_chunk)
             if C * sr > 64:
                 continue
-            const = dict(common, DV=args.dim, C=C, SR=sr, LATE=bool(args.late))
+            const = dict(common, DV=args.dim, C=C, SR=sr)
             res = compile_counts(_bwd_chunk_kernel, const, warps, fp32_ptrs=('x_ptr',), maxnreg=args.maxnreg)
-            print(f'backward SR={sr} D={args.dim} C={C} MODE={args.mode} FAST={args.fast} LATE={args.late} '
-                  f'warps={warps}: {res}')
+            print(f'backward SR={sr} D={args.dim} C={C} MODE={args.mode} FAST={args.fast} warps={warps}: {res}')
 
 
 if __name__ == '__main__':

@@ -439,39 +439,6 @@ def test_scan_pair_switch(monkeypatch):
         _scan_pair()
 
 
-@pytest.mark.skipif(not HAVE_TRITON, reason='the triton backend config needs triton')
-def test_register_cap_switch(monkeypatch):
-    """GKA_TRITON_FWD_MAXNREG / _BWD_MAXNREG become a maxnreg launch option of their kernel only; unset, no option
-    at all (ptxas then takes what it needs); a value that is not a register count from 32 to 255 is refused by name."""
-    from gka_kernels.triton.config import register_cap
-    for var in ('GKA_TRITON_FWD_MAXNREG', 'GKA_TRITON_BWD_MAXNREG'):
-        monkeypatch.delenv(var, raising=False)
-    assert register_cap('fwd') == {} and register_cap('bwd') == {}
-    monkeypatch.setenv('GKA_TRITON_BWD_MAXNREG', '168')
-    assert register_cap('bwd') == {'maxnreg': 168} and register_cap('fwd') == {}
-    for bad in ('16', '256', 'many'):
-        monkeypatch.setenv('GKA_TRITON_FWD_MAXNREG', bad)
-        with pytest.raises(GKAInputError, match='GKA_TRITON_FWD_MAXNREG'):
-            register_cap('fwd')
-    with pytest.raises(ValueError, match='kernel'):
-        register_cap('decode')
-
-
-@cases
-def test_register_caps_change_nothing(monkeypatch):
-    """With both register caps set the launches still run and give the same forward and gradients (the interpreter
-    ignores the option; on the GPU only ptxas sees it, test_triton_gpu checks that bit for bit)."""
-    torch.manual_seed(11)
-    ins = make_inputs(1, 40, 2, 32, torch.float64)
-    do = torch.randn(1, 40, 2, 32, dtype=torch.float64)
-    ref = _run('triton', ins, torch.float32, 6, 16, None, do, None)
-    monkeypatch.setenv('GKA_TRITON_FWD_MAXNREG', '128')
-    monkeypatch.setenv('GKA_TRITON_BWD_MAXNREG', '168')
-    out = _run('triton', ins, torch.float32, 6, 16, None, do, None)
-    for name in ref:
-        assert torch.equal(out[name], ref[name]), name
-
-
 @cases
 def test_long_passes_take_two_levels_by_default(monkeypatch):
     """Without GKA_TRITON_STATE_SCAN a pass of TWO_LEVEL_MIN_CHUNKS chunks launches the two-level kernels and a

@@ -24,7 +24,7 @@ from ..torch_chunk.gram_backward import gram_backward_inter, gram_backward_intra
 from ..torch_chunk.layout import chunk_decay, from_chunks, to_chunks
 from ..torch_chunk.readout import readout_backward
 from .backward_kernels import _bwd_chunk_kernel, _bwd_inter_kernel
-from .config import backward_chunk_size, backward_state_chunk, register_cap
+from .config import backward_chunk_size, backward_state_chunk
 from .solve import _num_warps, _omegas, acc_precision, chunk_adjoint_solve, dot_mode, solve_schedule
 from .state_pass import chunk_states, gram_and_kv_states, scan_increments
 
@@ -75,15 +75,6 @@ def _recompute(q, k, v, g, alpha, h0, u0, x, do, dHT, dUT, num_iter, scale, C, w
     return _Recomputed(do, qt if want_qt else None, H0s, HT, U0s, UT, RU, dU_init, acc)
 
 
-def late_loads() -> bool:
-    """Whether the fused backward loads what its gradients need after the adjoint solve again after the solve's
-    loop (``GKA_TRITON_BWD_LATE=1``) instead of holding it through the loop (0, the default): KERNEL_NOTES.md v30."""
-    env = os.environ.get('GKA_TRITON_BWD_LATE', '0')
-    if env not in ('0', '1'):
-        raise ValueError(f'GKA_TRITON_BWD_LATE must be 0 or 1, got {env!r}')
-    return env == '1'
-
-
 def chunk_backward(q, k, v, g, alpha, h0, u0, x, f, do, dHT, dUT, num_iter, r, scale, C, dot):
     """Gradients w.r.t. q, k, v, g, alpha, h0, u0 (q/k/v/alpha gradients in their dtypes, the rest fp32; the h0
     gradient None when nothing depends on it).
@@ -120,7 +111,7 @@ def chunk_backward(q, k, v, g, alpha, h0, u0, x, f, do, dHT, dUT, num_iter, r, s
         _omegas(num_iter, r, q.device), dq, dk, dv, dgam, dal, inc if solve else H0s,
         T, H, NC, NCS, float(r), float(scale), F_MIN,
         D=D, DV=DV, C=C, N=num_iter, MODE=mode, **solve_schedule(mode, num_iter, r),
-        ACC=acc, SR=C_state // C, LATE=late_loads(), num_warps=_num_warps(D, C), **register_cap('bwd'),
+        ACC=acc, SR=C_state // C, num_warps=_num_warps(D, C),
     )
     del H0s, U0s, RU
     dH_init = None

@@ -62,34 +62,13 @@ def _retreat(R, q_ptr, x_ptr, al_ptr, do_ptr, g_ptr, b, h, s_lo, s_hi, T, H, sca
 
 
 @triton.jit
-def _readout_grads(A, Qt, V, dO, K, Kt, M, bdec, dqt, ru_ptr, q_ptr, x_ptr, al_ptr, do_ptr, g_ptr, dv_ptr, pv, m2,
-                   bh, b, h, js, ic, s_end, NCS, T, H, scale,
-                   D: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, N: tl.constexpr, ACC: tl.constexpr,
-                   SR: tl.constexpr):
-    """The readout's gradients w.r.t. k and v (dv stored) and its part of ∂Γ, from the reverse readout state R_U
-    carried back from the end of the state chunk."""
-    rd = tl.arange(0, D)
-    rv = tl.arange(0, DV)
-    RU = tl.load(ru_ptr + (bh * NCS + js) * D * DV + rd[:, None] * DV + rv[None, :])
-    if SR > 1:
-        RU = _retreat(RU, q_ptr, x_ptr, al_ptr, do_ptr, g_ptr, b, h, ic + 1, s_end, T, H, scale, D, DV, C, N,
-                      ACC)
-    dk = scale * _xdot(tl.trans(A), Qt, False, N == 0, ACC) \
-        + bdec[:, None] * _xdot(V, tl.trans(RU), True, False, ACC)
-    Bm = _xdot(Qt, Kt, N == 0, True, ACC) * M                 # B[τ,σ] = M[τ,σ] (q̃_τ·k_σ)
-    dv = scale * _xdot(tl.trans(Bm), dO, False, True, ACC) + bdec[:, None] * _xdot(K, RU, True, False, ACC)
-    tl.store(dv_ptr + pv, dv.to(dv_ptr.dtype.element_ty), mask=m2)
-    return dk, tl.sum(Qt * dqt, 1) - tl.sum(K * dk, 1)
-
-
-@triton.jit
 def _bwd_chunk_kernel(
         q_ptr, k_ptr, v_ptr, g_ptr, al_ptr, x_ptr, f_ptr, do_ptr, h0_ptr, u0_ptr, ru_ptr, om_ptr,
         dq_ptr, dk_ptr, dv_ptr, dgam_ptr, dal_ptr, inc_ptr,
         T, H, NC, NCS, r, scale, f_min,
         D: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, N: tl.constexpr, MODE: tl.constexpr,
         FAST: tl.constexpr, FAST_MODE: tl.constexpr, ILP: tl.constexpr, TRANS: tl.constexpr, ACC: tl.constexpr,
-        SR: tl.constexpr, LATE: tl.constexpr,
+        SR: tl.constexpr,
 ):
     bh = tl.program_id(0).to(tl.int64)   # b·h on the axis without the 65,535 limit
     ic = tl.program_id(1)
@@ -125,15 +104,26 @@ def _bwd_chunk_kernel(
     if SR > 1:
         U0 = _advance(U0, k_ptr, v_ptr, g_ptr, b, h, s_first, ic, T, H, D, DV, C, ACC)
     dqt = scale * (e[:, None] * _xdot(dO, tl.trans(U0), True, False, ACC) + _xdot(A, K, False, True, ACC))
+    Q = tl.load(q_ptr + pk, mask=m2, other=0.0).to(tl.float32)
     if N > 0:
+        X = tl.load(x_ptr + pk, mask=m2, other=0.0)
         al = tl.load(al_ptr + row, mask=tm, other=0.0).to(tl.float32)
-        if not LATE:
-            Q = tl.load(q_ptr + pk, mask=m2, other=0.0).to(tl.float32)
-            X = tl.load(x_ptr + pk, mask=m2, other=0.0)
-            Qt = Q + al[:, None] * (X - Q)
-            tl.store(dal_ptr + row, tl.sum(dqt * (X - Q), 1), mask=tm)
-            dk, dgam = _readout_grads(A, Qt, V, dO, K, Kt, M, bdec, dqt, ru_ptr, q_ptr, x_ptr, al_ptr, do_ptr, g_ptr,
-                                      dv_ptr, pv, m2, bh, b, h, js, ic, s_end, NCS, T, H, scale, D, DV, C, N, ACC, SR)
+        Qt = Q + al[:, None] * (X - Q)
+        tl.store(dal_ptr + row, tl.sum(dqt * (X - Q), 1), mask=tm)
+    else:
+        Qt = Q
+    RU = tl.load(ru_ptr + (bh * NCS + js) * D * DV + rd[:, None] * DV + rv[None, :])
+    if SR > 1:
+        RU = _retreat(RU, q_ptr, x_ptr, al_ptr, do_ptr, g_ptr, b, h, ic + 1, s_end, T, H, scale, D, DV, C, N,
+                      ACC)
+    dk = scale * _xdot(tl.trans(A), Qt, False, N == 0, ACC) \
+        + bdec[:, None] * _xdot(V, tl.trans(RU), True, False, ACC)
+    Bm = _xdot(Qt, Kt, N == 0, True, ACC) * M                 # B[τ,σ] = M[τ,σ] (q̃_τ·k_σ)
+    dv = scale * _xdot(tl.trans(Bm), dO, False, True, ACC) + bdec[:, None] * _xdot(K, RU, True, False, ACC)
+    tl.store(dv_ptr + pv, dv.to(dv_ptr.dtype.element_ty), mask=m2)
+    dgam = tl.sum(Qt * dqt, 1) - tl.sum(K * dk, 1)
+
+    if N > 0:
         H0 = tl.load(h0_ptr + (bh * NCS + js) * D * D + rd[:, None] * D + rd[None, :])
         if SR > 1:
             H0 = _advance(H0, k_ptr, k_ptr, g_ptr, b, h, s_first, ic, T, H, D, D, C, ACC)
@@ -141,29 +131,6 @@ def _bwd_chunk_kernel(
         Ua = _cheb_solve(al[:, None] * dqt, K, Kt, H0, M, e, f, r, om_ptr, C, D, N, MODE, FAST, FAST_MODE, ILP,
                          TRANS)
         tl.store(dq_ptr + pk, ((1.0 - al[:, None]) * dqt + Ua).to(dq_ptr.dtype.element_ty), mask=m2)
-        if LATE:
-            # What the gradients need after the adjoint solve (v, do, q, x, the reverse readout state, the entry
-            # Gram in fp32) is loaded again after its loop, from L2, instead of being held through it, where
-            # ptxas spills it (KERNEL_NOTES.md v30)
-            V = tl.load(v_ptr + pv, mask=m2, other=0.0).to(tl.float32)
-            dO = tl.load(do_ptr + pv, mask=m2, other=0.0).to(tl.float32)
-            A = _xdot(dO, tl.trans(V), True, True, ACC) * M
-            Q = tl.load(q_ptr + pk, mask=m2, other=0.0).to(tl.float32)
-            X = tl.load(x_ptr + pk, mask=m2, other=0.0)
-            Qt = Q + al[:, None] * (X - Q)
-            tl.store(dal_ptr + row, tl.sum(dqt * (X - Q), 1), mask=tm)
-            dk, dgam = _readout_grads(A, Qt, V, dO, K, Kt, M, bdec, dqt, ru_ptr, q_ptr, x_ptr, al_ptr, do_ptr, g_ptr,
-                                      dv_ptr, pv, m2, bh, b, h, js, ic, s_end, NCS, T, H, scale, D, DV, C, N, ACC, SR)
-            H0 = tl.load(h0_ptr + (bh * NCS + js) * D * D + rd[:, None] * D + rd[None, :])
-            if SR > 1:
-                H0 = _advance(H0, k_ptr, k_ptr, g_ptr, b, h, s_first, ic, T, H, D, D, C, ACC)
-    else:
-        Qt = tl.load(q_ptr + pk, mask=m2, other=0.0).to(tl.float32)
-        tl.store(dq_ptr + pk, dqt.to(dq_ptr.dtype.element_ty), mask=m2)
-        dk, dgam = _readout_grads(A, Qt, V, dO, K, Kt, M, bdec, dqt, ru_ptr, q_ptr, x_ptr, al_ptr, do_ptr, g_ptr,
-                                  dv_ptr, pv, m2, bh, b, h, js, ic, s_end, NCS, T, H, scale, D, DV, C, N, ACC, SR)
-
-    if N > 0:
         # Gram part of the implicit gradient: Ḡ_τ = −u_τx_τᵀ − c_τH_τ, c_τ = r(u_τ·x_τ)/f_τ (λ-path)
         c = tl.where(f > f_min, r * tl.sum(Ua * X, 1) / f, 0.0)
         XK = _xdot(X, Kt, False, True, ACC) * M
@@ -181,6 +148,8 @@ def _bwd_chunk_kernel(
         inc = -_xdot(tl.trans(e[:, None] * Ua), X, False, False, ACC) - tl.sum(ce * e, 0) * H0 \
             - _xdot(tl.trans(W1[:, None] * K), K, False, True, ACC)
         tl.store(inc_ptr + (bh * NC + ic) * D * D + rd[:, None] * D + rd[None, :], inc)
+    else:
+        tl.store(dq_ptr + pk, dqt.to(dq_ptr.dtype.element_ty), mask=m2)
     tl.store(dk_ptr + pk, dk, mask=m2)
     tl.store(dgam_ptr + row, dgam, mask=tm)
 

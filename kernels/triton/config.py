@@ -12,7 +12,7 @@ from ..validation import GKAInputError
 __all__ = [
     'HEAD_DIMS', 'CHUNK_SIZES', 'check_triton_inputs', 'unsupported_reason', 'pick_chunk_size', 'backward_chunk_size',
     'backward_state_chunk',
-    'segment_length', 'forward_pieces', 'solve_dot_mode', 'register_cap', 'F_MIN',
+    'segment_length', 'forward_pieces', 'solve_dot_mode', 'F_MIN',
 ]
 
 HEAD_DIMS = (32, 64, 128)
@@ -72,27 +72,6 @@ def pick_chunk_size(chunk_size: Optional[int], head_dim: int, seq_len: Optional[
     if head_dim == 64 and dtype == torch.bfloat16 and (seq_len is None or seq_len > 32):
         return 64
     return 32
-
-
-def register_cap(kernel: str) -> dict:
-    """Launch options capping the registers per thread of the forward solve ('fwd', also the hybrid backward's
-    adjoint solve) or the fused backward ('bwd') kernel: ``{'maxnreg': n}`` from ``GKA_TRITON_FWD_MAXNREG`` /
-    ``GKA_TRITON_BWD_MAXNREG`` (benchmarks), ``{}`` when unset. Both kernels take all 255 registers that ptxas
-    allows, so a 4-warp program leaves room for only two per SM; ≤ 168 fits three and ≤ 128 four, with whatever
-    ptxas then spills (benchmarks/sm90_compile.py counts it, KERNEL_NOTES.md v29)."""
-    if kernel not in ('fwd', 'bwd'):
-        raise ValueError(f"kernel must be 'fwd' or 'bwd', got {kernel!r}")
-    name = f'GKA_TRITON_{kernel.upper()}_MAXNREG'
-    env = os.environ.get(name)
-    if not env:
-        return {}
-    try:
-        n = int(env)
-    except ValueError:
-        n = 0
-    if not 32 <= n <= 255:
-        raise GKAInputError(f'{name} must be a number of registers from 32 to 255, got {env!r}')
-    return {'maxnreg': n}
 
 
 def backward_chunk_size(forward_chunk: int) -> int:

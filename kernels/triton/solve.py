@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from ..chebyshev import chebyshev_omegas, error_gains
-from .config import F_MIN, register_cap
+from .config import F_MIN
 from .dots import _lo, _mm, _mm16, _mm_t, _op, _xdot
 
 
@@ -374,7 +374,7 @@ def chunk_forward(q, k, v, g, alpha, H0, U0, num_iter: int, ridge_ratio: float, 
         *(_strides3(x) if x is not None else (0, 0, 0)), *_strides3(o),
         D=D, DV=DV, C=chunk_size, N=num_iter, MODE=mode, **solve_schedule(mode, num_iter, ridge_ratio),
         ACC=acc_precision(q.dtype), LOAD_F=False, READOUT=True,
-        STORE_X=x is not None, num_warps=_num_warps(D, chunk_size), **register_cap('fwd'),
+        STORE_X=x is not None, num_warps=_num_warps(D, chunk_size),
     )
     return o, x, f
 
@@ -396,6 +396,6 @@ def chunk_adjoint_solve(rhs: torch.Tensor, k: torch.Tensor, g: torch.Tensor, f: 
         *_strides3(u), *_strides3(u),
         D=D, DV=D, C=chunk_size, N=num_iter, MODE=mode, **solve_schedule(mode, num_iter, ridge_ratio),
         ACC=acc_precision(k.dtype), LOAD_F=True, READOUT=False,
-        STORE_X=True, num_warps=_num_warps(D, chunk_size), **register_cap('fwd'),
+        STORE_X=True, num_warps=_num_warps(D, chunk_size),
     )
     return u
