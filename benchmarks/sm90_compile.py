@@ -45,7 +45,8 @@ def compile_counts(kernel, const: dict, num_warps: int, fp32_ptrs=(), maxnreg=No
         else:
             sig[n] = 'fp32' if n in FLOAT_ARGS else 'i32'
     src = ASTSource(fn=kernel, signature=sig, constexprs={(names.index(k),): v for k, v in const.items()})
-    compiled = triton.compile(src, target=GPUTarget('cuda', 90, 32), options=dict(num_warps=num_warps, **({'maxnreg': maxnreg} if maxnreg else {})))
+    options = dict(num_warps=num_warps, **({'maxnreg': maxnreg} if maxnreg else {}))
+    compiled = triton.compile(src, target=GPUTarget('cuda', 90, 32), options=options)
     ptx = compiled.asm['ptx']
     res = dict(wgmma=len(re.findall(r'wgmma\.mma_async', ptx)), mma_sync=len(re.findall(r'mma\.sync', ptx)),
                spills=len(re.findall(r'ld\.local|st\.local', ptx)), shared=compiled.metadata.shared)
