@@ -29,7 +29,8 @@ from gka_inputs import make_inputs  # noqa: E402
 
 def chebyshev_iterates(A: torch.Tensor, b: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, steps: int):
     """The iterates x_1 … x_steps of the Chebyshev semi-iteration for A x = b (x_0 = 0) tuned for the spectrum
-    [lo, hi] of each system; the recurrence of gka_spec.md §3.4 with η = 2 / (lo + hi), ρ = (hi − lo) / (hi + lo)."""
+    [lo, hi] of each system: the recurrence of gka_spec.md §3.4 with η = 2 / (lo + hi) and
+    ρ = (hi − lo) / (hi + lo)."""
     eta = (2.0 / (lo + hi))[..., None]
     c = ((hi - lo) / (hi + lo)) ** 2 / 4.0
     omega = torch.full_like(c, 2.0)
