@@ -5,8 +5,12 @@
 #                                               demo
 #                                               (default: setup tests kernels models lm)
 # One device call may run 10 minutes, so run the stages in a few calls, each starting with setup. Measured stage
-# times on the H200 (2026-11-29): setup 20 s, tests 3.5-4.5 min (36 cases: 35 in 207 s warm, 32 in 260 s cold), schedule ~1.5 min, kernels 45 s, models ~6 min for all
-# 12 models (MODELS_BUDGET=470), modelprofile 30 s, compiled ~9 min (gka_small's 3 specs, train 224 + 1024 px: 150 s), fusedglue 70 s, demo 35 s, lm ~8 min. E.g.
+# times on the H200 (2026-11-29): setup 20 s, schedule ~1.5 min, kernels 45 s, models ~6 min for all 12 models
+# (MODELS_BUDGET=470), modelprofile 30 s, compiled ~9 min (gka_small's 3 specs, train 224 + 1024 px: 150 s),
+# fusedglue 70 s, demo 35 s, lm ~8 min. tests: all 55 GPU cases no longer fit one call; on a cold H100 (session 13)
+# the first 50 took ~330 s, so run `TESTS_K="not model_compiles"` and `TESTS_K=model_compiles` in separate calls.
+# regs (the register report) ~40 s. A call's own files come back only if the command gets to copy them: end each
+# stage group with the copy, inside the 600 s. E.g.
 #   setup tests schedule kernels      setup models      setup modelprofile demo fusedglue
 # Writes logs, JSON, markdown and PNGs under $OUT (default benchmarks/results). Each stage has its own time limit
 # and a failing stage does not stop the others; the exit code is the number of failed stages.
