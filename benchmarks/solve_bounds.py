@@ -26,23 +26,24 @@ sys.path.insert(0, os.path.join(ROOT, 'tests'))
 
 from gka_inputs import make_inputs  # noqa: E402
 
+from gka_kernels.chebyshev import chebyshev_solve  # noqa: E402
+
 
 def chebyshev_iterates(A: torch.Tensor, b: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, steps: int):
-    """The iterates x_1 … x_steps of the Chebyshev semi-iteration for A x = b (x_0 = 0) tuned for the spectrum
-    [lo, hi] of each system: the recurrence of gka_spec.md §3.4 with η = 2 / (lo + hi) and
-    ρ = (hi − lo) / (hi + lo)."""
-    eta = (2.0 / (lo + hi))[..., None]
-    c = ((hi - lo) / (hi + lo)) ** 2 / 4.0
-    omega = torch.full_like(c, 2.0)
-    x_prev = torch.zeros_like(b)
-    x = eta * b
-    out = []
+    """The iterates x_1 … x_steps of the layer's Chebyshev solve (``gka_kernels.chebyshev.chebyshev_solve``, x_0 = 0)
+    for A x = b, tuned for the spectrum [lo, hi] of each system: η = 2 / (lo + hi), ρ = (hi − lo) / (hi + lo)."""
+    rho = (hi - lo) / (hi + lo)
+    # chebyshev_omegas's recurrence for a ρ per system (it takes one ridge ratio for all of them)
+    omega, omegas = torch.full_like(rho, 2.0), []
     for _ in range(steps):
-        omega = 1.0 / (1.0 - c * omega)
-        x_new = omega[..., None] * (x - eta * ((A @ x[..., None])[..., 0] - b)) + (1.0 - omega[..., None]) * x_prev
-        x_prev, x = x, x_new
-        out.append(x)
-    return out
+        omega = 1.0 / (1.0 - rho * rho / 4.0 * omega)
+        omegas.append(omega[..., None])
+    eta = (2.0 / (lo + hi))[..., None]
+
+    def matvec(x):
+        return (A @ x[..., None])[..., 0]
+
+    return [chebyshev_solve(matvec, b, eta, omegas[:n]) for n in range(1, steps + 1)]
 
 
 def gram_systems(B: int, T: int, H: int, D: int, decay: float, ridge_ratio: float, every: int, seed: int):
